@@ -1,0 +1,1 @@
+"""Collector: reads EcoFlow stations from their sources, decodes payloads, stores readings."""

@@ -1,0 +1,1 @@
+"""What every service of the stack shares: settings, database access, logging."""

@@ -1,0 +1,130 @@
+"""A private Mosquitto broker (MQTT v5) on free ports: plain, or with users, ACL and TLS."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from testbed.ports import free_port, wait_for_port
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_ACL = REPO / "compose" / "mosquitto" / "acl"
+
+
+class MosquittoNotFound(RuntimeError):
+    pass
+
+
+def find_mosquitto() -> str:
+    path = shutil.which("mosquitto") or (
+        "/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None
+    )
+    if not path:
+        raise MosquittoNotFound(
+            "mosquitto not found: install it (Debian: apt-get install mosquitto mosquitto-clients)"
+        )
+    return path
+
+
+@dataclass
+class MosquittoServer:
+    """One broker. `users` (name -> password) turns on authentication and the ACL file;
+    `tls` adds a TLS listener with a freshly generated CA."""
+
+    users: dict[str, str] | None = None
+    acl_file: Path | None = None
+    tls: bool = False
+    base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ecoflow-mqtt-")))
+
+    def __post_init__(self):
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.tls_port = free_port() if self.tls else None
+        self.tls_files = None
+        self._proc: subprocess.Popen | None = None
+        self.logfile = self.base / "mosquitto.log"
+
+    def start(self) -> MosquittoServer:
+        binary = find_mosquitto()
+        lines = [
+            "per_listener_settings false",
+            "persistence false",
+            f"log_dest file {self.logfile}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            f"user {getpass.getuser()}",
+        ]
+        if self.users is not None:
+            pwfile = self.base / "passwd"
+            pwfile.touch(mode=0o600)
+            passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+            for name, password in self.users.items():
+                subprocess.run([passwd, "-b", str(pwfile), name, password], check=True,
+                               capture_output=True)
+            lines += ["allow_anonymous false", f"password_file {pwfile}"]
+            lines.append(f"acl_file {self.acl_file or DEFAULT_ACL}")
+        else:
+            lines.append("allow_anonymous true")
+        lines.append(f"listener {self.port} {self.host}")
+        if self.tls:
+            from testbed.tls import make_ca_and_server_cert
+
+            self.tls_files = make_ca_and_server_cert(self.base / "tls")
+            lines += [
+                f"listener {self.tls_port} {self.host}",
+                f"cafile {self.tls_files.ca_cert}",
+                f"certfile {self.tls_files.server_cert}",
+                f"keyfile {self.tls_files.server_key}",
+                "tls_version tlsv1.2",
+            ]
+        conf = self.base / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        self._proc = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            wait_for_port(self.port)
+            if self.tls_port:
+                wait_for_port(self.tls_port)
+        except TimeoutError:
+            err = self._proc.stderr.read().decode() if self._proc.poll() is not None else ""
+            log = self.logfile.read_text() if self.logfile.exists() else ""
+            self.stop()
+            raise RuntimeError(f"mosquitto did not start: {err}{log}") from None
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.terminate()
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            if self._proc.stderr:
+                self._proc.stderr.close()
+            self._proc = None
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> MosquittoServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def random_users(*names: str) -> dict[str, str]:
+    return {name: secrets.token_urlsafe(12) for name in names}
