@@ -1,0 +1,58 @@
+"""The read-only role for Grafana and Home Assistant can read everything and change nothing."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from tests.services import READONLY_USER
+
+VIEWS = ("ecoflow_latest", "outages", "energy_daily", "ecoflow_rollup_1m", "ecoflow_rollup_1h")
+
+
+@pytest.fixture
+def reader(pg_server, db_url, db):
+    db.execute(
+        "INSERT INTO ecoflow_measurements (ts, device_sn, soc_percent, grid_connected, source,"
+        " raw_data) VALUES (now(), 'SN1', 50, true, 'rest', '{}')"
+    )
+    name = db_url.rsplit("/", 1)[1]
+    with psycopg.connect(pg_server.url(name).replace("postgres@", f"{READONLY_USER}@", 1),
+                         autocommit=True) as conn:
+        yield conn
+
+
+def test_reader_can_select_every_view_and_table(reader):
+    tables = [r[0] for r in reader.execute(
+        "SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()]
+    assert "ecoflow_measurements" in tables and "commands" in tables
+    for name in (*VIEWS, *tables):
+        reader.execute(f"SELECT * FROM {name} LIMIT 1").fetchall()
+    assert reader.execute("SELECT soc_percent FROM ecoflow_latest").fetchone() == (50.0,)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO ecoflow_measurements (ts, device_sn, source, raw_data)"
+        " VALUES (now(), 'X', 'rest', '{}')",
+        "UPDATE ecoflow_measurements SET soc_percent = 1",
+        "DELETE FROM ecoflow_measurements",
+        "INSERT INTO commands (id, agent_id, action, ttl_sec, expires_at, payload)"
+        " VALUES (gen_random_uuid(), 'a', 'shutdown', 1, now() + interval '1 s', '{}')",
+        "DELETE FROM devices",
+    ],
+)
+def test_reader_cannot_change_anything(reader, statement):
+    # Sessions are read-only by default; even with that switched off, privileges refuse.
+    with pytest.raises(psycopg.errors.ReadOnlySqlTransaction):
+        reader.execute(statement)
+    reader.execute("SET default_transaction_read_only = off")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        reader.execute(statement)
+
+
+def test_reader_cannot_create_tables(reader):
+    reader.execute("SET default_transaction_read_only = off")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        reader.execute("CREATE TABLE mine (x int)")
