@@ -78,6 +78,26 @@ class PostgresServer:
         )
 
     def start(self) -> PostgresServer:
+        """Create the cluster on first start, then run the server (again after halt())."""
+        if not self.datadir.exists():
+            self._init()
+        try:
+            self._cmd(
+                str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
+                "-w", "-t", "60", "start",
+            )
+        except subprocess.CalledProcessError as exc:
+            log_tail = self.logfile.read_text()[-2000:] if self.logfile.exists() else ""
+            raise RuntimeError(f"PostgreSQL did not start: {exc.stderr.strip()}\n{log_tail}") from None
+        self.started = True
+        return self
+
+    def halt(self) -> None:
+        """Stop the server but keep its data, e.g. to simulate a database outage."""
+        self._cmd(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
+        self.started = False
+
+    def _init(self) -> None:
         try:
             self._cmd(
                 str(self.bindir / "initdb"), "-D", str(self.datadir), "-U", self.user,
@@ -105,16 +125,6 @@ class PostgresServer:
             ]
         with open(self.datadir / "postgresql.conf", "a") as fh:
             fh.write("\n# ecoflow testbed\n" + "\n".join(conf) + "\n")
-        try:
-            self._cmd(
-                str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-l", str(self.logfile),
-                "-w", "-t", "60", "start",
-            )
-        except subprocess.CalledProcessError as exc:
-            log_tail = self.logfile.read_text()[-2000:] if self.logfile.exists() else ""
-            raise RuntimeError(f"PostgreSQL did not start: {exc.stderr.strip()}\n{log_tail}") from None
-        self.started = True
-        return self
 
     def stop(self) -> None:
         if self.started:

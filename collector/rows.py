@@ -1,0 +1,55 @@
+"""The row the collector stores: the database contract's columns, one complete snapshot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+# Decoded columns of ecoflow_measurements, in table order (ts, device_sn, source and raw_data
+# are set separately).
+VALUE_COLUMNS = (
+    "soc_percent", "soc_min_percent", "remain_time_min", "watts_in_sum", "watts_out_sum",
+    "ac_in_watts", "ac_out_watts", "dc_out_watts", "typec_out_watts", "usb_out_watts",
+    "pv_in_watts", "grid_connected", "battery_temp_c",
+)
+TABLE_COLUMNS = ("ts", "device_sn", *VALUE_COLUMNS, "source", "raw_data")
+SOURCES = ("rest", "open_mqtt", "app_mqtt", "bridge", "nut", "simulator")
+
+
+@dataclass
+class Row:
+    ts: datetime
+    device_sn: str
+    source: str
+    raw_data: dict[str, Any]
+    values: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+
+    def as_tuple(self) -> tuple:
+        return (self.ts, self.device_sn, *(self.values.get(c) for c in VALUE_COLUMNS),
+                self.source, self.raw_data)
+
+
+class SnapshotMerger:
+    """Keeps each device's last known value of every column.
+
+    EcoFlow sends partial messages (one module's keys at a time); a stored row carries the
+    device's last known value for every column merged with the new message, so a reader of the
+    latest row never sees a null SoC because the last message was an inverter update. A column
+    that was never reported stays null.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, dict[str, Any]] = {}
+
+    def seed(self, device_sn: str, values: dict[str, Any]) -> None:
+        """Fill in values stored earlier; what has arrived since start-up is newer and wins."""
+        stored = {k: v for k, v in values.items() if k in VALUE_COLUMNS and v is not None}
+        self._known[device_sn] = {**stored, **self._known.get(device_sn, {})}
+
+    def merge(self, device_sn: str, values: dict[str, Any]) -> dict[str, Any]:
+        known = self._known.setdefault(device_sn, {})
+        known.update({k: v for k, v in values.items() if k in VALUE_COLUMNS and v is not None})
+        return dict(known)
+

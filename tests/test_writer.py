@@ -1,0 +1,141 @@
+"""The batch writer stores complete snapshots, deduplicates, keeps dead letters and acks only
+after commit, and loses nothing while the database is away."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+
+from collector.rows import Row
+from collector.writer import IngestError, Writer
+from servicekit.migrate import upgrade
+from testbed.postgres import PostgresServer
+from tests.services import DatabaseServer
+
+T0 = datetime(2026, 5, 1, 10, 0, tzinfo=timezone.utc)
+S = timedelta(seconds=1)
+
+
+def row(i: int, sn: str = "SN1", **values) -> Row:
+    return Row(ts=T0 + i * S, device_sn=sn, source="bridge", raw_data={"i": i, **values},
+               values=values, model="DELTA 2")
+
+
+def test_partial_messages_are_stored_as_complete_snapshots(db_url, db):
+    w = Writer(db_url)
+    w.add(row(0, soc_percent=80, grid_connected=True))
+    w.add(row(1, ac_out_watts=120))
+    w.add(row(2, soc_percent=79, remain_time_min=None))
+    w.flush()
+    got = db.execute(
+        "SELECT soc_percent, grid_connected, ac_out_watts, remain_time_min, raw_data"
+        " FROM ecoflow_measurements ORDER BY ts").fetchall()
+    assert got == [
+        (80, True, None, None, {"i": 0, "soc_percent": 80, "grid_connected": True}),
+        (80, True, 120, None, {"i": 1, "ac_out_watts": 120}),
+        (79, True, 120, None, {"i": 2, "soc_percent": 79, "remain_time_min": None}),
+    ]
+    w.stop()
+
+
+def test_snapshot_continues_from_the_stored_row_after_a_restart(db_url, db):
+    w = Writer(db_url)
+    w.add(row(0, soc_percent=55, pv_in_watts=300))
+    w.flush()
+    w.stop()
+    restarted = Writer(db_url)
+    restarted.seed_snapshots()
+    restarted.add(row(1, ac_out_watts=10))
+    restarted.flush()
+    restarted.stop()
+    assert db.execute("SELECT soc_percent, pv_in_watts, ac_out_watts FROM ecoflow_latest"
+                      ).fetchone() == (55, 300, 10)
+
+
+def test_redelivered_readings_are_written_once_and_devices_are_upserted(db_url, db):
+    w = Writer(db_url)
+    for _ in range(2):
+        for i in range(5):
+            w.add(row(i, soc_percent=50 + i))
+        w.flush()
+    assert db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (5,)
+    assert (w.rows_written, w.rows_duplicate) == (5, 5)
+    assert db.execute("SELECT model, first_seen, last_seen FROM devices").fetchone() == (
+        "DELTA 2", T0, T0 + 4 * S)
+    w.stop()
+
+
+def test_undecodable_payloads_land_in_ingest_errors_with_their_bytes(db_url, db):
+    w = Writer(db_url)
+    w.add_error(IngestError("bridge", "bridge-ecoflow/SN9/data", b"\xff\x00junk", "not JSON"))
+    w.flush()
+    assert db.execute("SELECT topic, payload, error FROM ingest_errors").fetchone() == (
+        "bridge-ecoflow/SN9/data", b"\xff\x00junk", "not JSON")
+    w.stop()
+
+
+def test_acks_run_only_after_the_rows_are_committed(db_url, db):
+    w = Writer(db_url)
+    seen = []
+
+    def ack():
+        seen.append(db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone()[0])
+
+    w.add(row(0, soc_percent=1), on_commit=ack)
+    w.add(row(1, soc_percent=2), on_commit=ack)
+    assert seen == []
+    w.flush()
+    assert seen == [2, 2]
+    w.stop()
+
+
+def test_database_outage_keeps_rows_and_acks_until_it_returns():
+    server = PostgresServer().start()  # its own server, so stopping it disturbs no other test
+    try:
+        ds = DatabaseServer(server.url(), server.timescaledb, "native")
+        ds.create_database("w")
+        upgrade(ds.settings("w"))
+        acks = []
+        w = Writer(ds.url("w"), batch_rows=10, flush_interval=0.2, retry_max_sec=0.5)
+        w.start()
+        w.add(row(0, soc_percent=10), on_commit=lambda: acks.append(0))
+        _wait(lambda: acks == [0])
+        server.halt()
+        for i in range(1, 40):
+            w.add(row(i, soc_percent=10 + i), on_commit=lambda i=i: acks.append(i))
+        time.sleep(1.0)
+        assert acks == [0] and w.pending == 39
+        server.start()
+        _wait(lambda: len(acks) == 40, timeout=15)
+        w.stop()
+        with psycopg.connect(ds.url("w")) as conn:
+            assert conn.execute("SELECT count(*), max(soc_percent) FROM ecoflow_measurements"
+                                ).fetchone() == (40, 49)
+    finally:
+        server.stop()
+
+
+def test_a_full_buffer_blocks_the_producer_instead_of_dropping(db_url):
+    w = Writer(db_url, batch_rows=1000, max_buffer=3)
+    for i in range(3):
+        w.add(row(i, soc_percent=i))
+    done = threading.Event()
+    threading.Thread(target=lambda: (w.add(row(3, soc_percent=3)), done.set()), daemon=True).start()
+    assert not done.wait(0.5)
+    w.flush()
+    assert done.wait(2)
+    w.flush()
+    assert w.rows_written == 4
+    w.stop()
+
+
+def _wait(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not met in time")
+        time.sleep(0.05)
