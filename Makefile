@@ -14,6 +14,7 @@ help:
 	@echo "make demo      simulated station through the whole pipeline"
 	@echo "make bench     ingest, policy and dashboard benchmarks"
 	@echo "make lint      ruff"
+	@echo "make proto     regenerate collector/proto/*_pb2.py from the .proto schemas"
 	@echo "make migrate   apply migrations to DATABASE_URL / POSTGRES_*"
 
 $(STAMP): pyproject.toml
@@ -35,6 +36,9 @@ demo: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	@echo "make bench: not yet available (benchmarks land with the demo issue)."
+
+proto: $(STAMP)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/gen-proto
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -42,6 +42,7 @@ class SnapshotMerger:
 
     def __init__(self) -> None:
         self._known: dict[str, dict[str, Any]] = {}
+        self._modules: dict[str, dict[str, float]] = {}
 
     def seed(self, device_sn: str, values: dict[str, Any]) -> None:
         """Fill in values stored earlier; what has arrived since start-up is newer and wins."""
@@ -51,5 +52,12 @@ class SnapshotMerger:
     def merge(self, device_sn: str, values: dict[str, Any]) -> dict[str, Any]:
         known = self._known.setdefault(device_sn, {})
         known.update({k: v for k, v in values.items() if k in VALUE_COLUMNS and v is not None})
+        return dict(known)
+
+    def merge_modules(self, device_sn: str, modules: dict[str, float]) -> dict[str, float]:
+        """Per-pack SoCs arrive in separate messages (master, then a slave pack): keep them all,
+        so the lowest is taken over every pack, not just the ones in the latest message."""
+        known = self._modules.setdefault(device_sn, {})
+        known.update({k: v for k, v in modules.items() if v is not None})
         return dict(known)
 

@@ -58,8 +58,9 @@ Callback = Callable[[], None]
 
 class Writer:
     def __init__(self, dsn: str, batch_rows: int = 1000, flush_interval: float = 1.0,
-                 max_buffer: int = 50_000, retry_max_sec: float = 30.0):
+                 max_buffer: int = 50_000, retry_max_sec: float = 30.0, metrics=None):
         self.dsn = dsn
+        self.metrics = metrics
         self.batch_rows = batch_rows
         self.flush_interval = flush_interval
         self.max_buffer = max_buffer
@@ -129,8 +130,9 @@ class Writer:
             for cb in callbacks:
                 cb()
             return 0
+        started = time.monotonic()
         try:
-            self._write(rows, errors)
+            inserted = self._write(rows, errors)
         except Exception:
             with self._lock:  # put them back in front, in order
                 self._rows[:0], self._errors[:0], self._callbacks[:0] = rows, errors, callbacks
@@ -140,6 +142,9 @@ class Writer:
                 finally:
                     self._conn = None
             raise
+        if self.metrics:
+            self.metrics.rows_written.inc(inserted)
+            self.metrics.batch_seconds.observe(time.monotonic() - started)
         with self._lock:
             self._lock.notify_all()
         for cb in callbacks:
@@ -149,7 +154,8 @@ class Writer:
                 log.exception("acknowledging a committed message failed")
         return len(rows)
 
-    def _write(self, rows: list[Row], errors: list[IngestError]) -> None:
+    def _write(self, rows: list[Row], errors: list[IngestError]) -> int:
+        inserted = 0
         conn = self._connect()
         with conn.transaction(), conn.cursor() as cur:
             if rows:
@@ -171,6 +177,7 @@ class Writer:
                     [(e.source, e.topic, e.device_sn, e.payload, e.error) for e in errors],
                 )
                 self.errors_written += len(errors)
+        return inserted
 
     # -- background loop --------------------------------------------------------------------
     def start(self) -> None:

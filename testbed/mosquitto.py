@@ -40,6 +40,7 @@ class MosquittoServer:
     users: dict[str, str] | None = None
     acl_file: Path | None = None
     tls: bool = False
+    persistence: bool = False
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ecoflow-mqtt-")))
 
     def __post_init__(self):
@@ -54,7 +55,9 @@ class MosquittoServer:
         binary = find_mosquitto()
         lines = [
             "per_listener_settings false",
-            "persistence false",
+            "persistence true" if self.persistence else "persistence false",
+            f"persistence_location {self.base}/",
+            "autosave_interval 1",
             f"log_dest file {self.logfile}",
             "log_type error",
             "log_type warning",
@@ -101,7 +104,15 @@ class MosquittoServer:
             raise RuntimeError(f"mosquitto did not start: {err}{log}") from None
         return self
 
+    def halt(self) -> None:
+        """Stop the broker but keep its files (and persisted sessions) for a restart."""
+        self._terminate()
+
     def stop(self) -> None:
+        self._terminate()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def _terminate(self) -> None:
         if self._proc is not None:
             if self._proc.poll() is None:
                 self._proc.terminate()
@@ -113,7 +124,6 @@ class MosquittoServer:
             if self._proc.stderr:
                 self._proc.stderr.close()
             self._proc = None
-        shutil.rmtree(self.base, ignore_errors=True)
 
     @property
     def running(self) -> bool:

@@ -1,0 +1,40 @@
+"""Which EcoFlow model a serial number or productType names (used for units that differ by model)."""
+
+from __future__ import annotations
+
+# Serial-number prefixes seen in captures and EcoFlow's documentation.
+SN_PREFIXES = (
+    ("MR51", "Delta Pro 3"),
+    ("R351", "Delta 2 Max"),
+    ("R331", "Delta 2"),
+    ("R601", "River 2"),
+    ("R611", "River 2 Max"),
+    ("R621", "River 2 Pro"),
+    ("R631", "River 3"),
+    ("HW51", "PowerStream"),
+    ("HW52", "Smart Plug"),
+    ("DAEB", "Delta Max"),
+    ("DAAB", "Delta Max"),
+    ("DCAB", "Delta Pro"),
+    ("DCEB", "Delta Pro"),
+)
+
+# App `latestQuotas` replies name the model by number.
+PRODUCT_TYPES = {
+    13: "Delta Max",
+    14: "Delta Pro",
+    72: "River 2 Pro",
+    80: "Delta 2",
+    81: "Delta 2 Max",
+}
+
+
+def model_for(sn: str | None, product_type: object = None) -> str | None:
+    """The model name, from productType first (it is explicit), then the serial prefix."""
+    if isinstance(product_type, int) and product_type in PRODUCT_TYPES:
+        return PRODUCT_TYPES[product_type]
+    if sn:
+        for prefix, model in SN_PREFIXES:
+            if sn.upper().startswith(prefix):
+                return model
+    return None

@@ -1,0 +1,157 @@
+"""What a decoder returns: the Reading dataclass, DecodeError and the unit helpers all families share."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+# The ecoflow_measurements columns a payload can determine (DESIGN.md "Database contract").
+COLUMNS = (
+    "soc_percent",
+    "soc_min_percent",
+    "remain_time_min",
+    "watts_in_sum",
+    "watts_out_sum",
+    "ac_in_watts",
+    "ac_out_watts",
+    "dc_out_watts",
+    "typec_out_watts",
+    "usb_out_watts",
+    "pv_in_watts",
+    "grid_connected",
+    "battery_temp_c",
+)
+
+# Remaining-time values EcoFlow uses for "not applicable" (not charging / not discharging).
+REMAIN_TIME_SENTINELS = frozenset({5999, 5939})
+
+# AC-in voltage above this means the grid is there; below it is sensor noise.
+GRID_PRESENT_VOLTS = 50.0
+
+# Epoch seconds between 2017 and 2100: anything else in a timestamp field is not wall-clock time
+# (the open MQTT `time` field, for one, counts something else).
+_EPOCH_MIN, _EPOCH_MAX = 1_483_228_800, 4_102_444_800
+
+
+class DecodeError(ValueError):
+    """A payload that cannot be decoded; str(error) says why, for ingest_errors and the CLI."""
+
+
+@dataclass
+class Reading:
+    """One decoded payload: the columns it determines, nothing it does not.
+
+    values: only DESIGN.md columns this payload determines; a missing key means unknown (the
+        collector fills it from the device's last known state), never 0 or false.
+    soc_modules: per-pack SoC (percent) by pack name, for soc_min and the normalized MQTT state.
+    raw: the JSON as received, or the protobuf decoded with our schema (MessageToDict).
+    online: False for an "offline" reply (then values is empty), True when the payload says the
+        device is online, None when it does not say.
+    """
+
+    device_sn: str | None
+    ts: datetime | None
+    values: dict[str, Any]
+    raw: dict[str, Any]
+    family: str
+    model: str | None = None
+    soc_modules: dict[str, float] = field(default_factory=dict)
+    online: bool | None = None
+    source: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (ISO timestamp), as the decode command prints it."""
+        return {
+            "device_sn": self.device_sn,
+            "ts": self.ts.isoformat() if self.ts else None,
+            "family": self.family,
+            "model": self.model,
+            "source": self.source,
+            "online": self.online,
+            "values": dict(self.values),
+            "soc_modules": dict(self.soc_modules),
+            "raw": self.raw,
+        }
+
+
+def number(value: Any) -> float | None:
+    """A finite number from a JSON or protobuf value; None for anything else (bools included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def watts(value: Any, scale: float = 1.0) -> int | None:
+    """A power reading as whole watts; `scale` converts units such as 0.1 W."""
+    n = number(value)
+    return None if n is None else int(round(n * scale))
+
+
+def out_watts(value: Any, scale: float = 1.0) -> int | None:
+    """An output power as a magnitude: gen-3 reports outflow as a negative float."""
+    w = watts(value, scale)
+    return None if w is None else abs(w)
+
+
+def percent(value: Any) -> float | None:
+    """A state of charge in percent (0..100), rounded to 0.01; None when out of range."""
+    n = number(value)
+    if n is None or not 0 <= n <= 100:
+        return None
+    return round(float(n), 2)
+
+
+def remain_minutes(value: Any) -> int | None:
+    """Minutes of runtime left; None for the "not applicable" sentinels and nonsense."""
+    n = number(value)
+    if n is None or n < 0 or int(n) in REMAIN_TIME_SENTINELS:
+        return None
+    return int(round(n))
+
+
+def sum_all(values: list[int | None]) -> int | None:
+    """Sum of port powers, only when every port is known: a partial sum would be a wrong total."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values)  # type: ignore[arg-type]
+
+
+def grid_from(
+    ac_in_volts: float | None, ac_in_watts: float | None, ac_in_flag: Any = None
+) -> bool | None:
+    """grid_connected by PROTOCOL.md's rule: voltage, else power above 0, else the AC-in flag."""
+    if ac_in_volts is not None:
+        return ac_in_volts > GRID_PRESENT_VOLTS
+    if ac_in_watts is not None and ac_in_watts > 0:
+        return True
+    flag = number(ac_in_flag)
+    if flag is not None:
+        # Weak evidence: the flag has been seen 0 while AC power flowed in.
+        return flag != 0
+    return None
+
+
+def epoch_ts(value: Any) -> datetime | None:
+    """A device timestamp (epoch seconds or milliseconds) as aware UTC; None when implausible."""
+    n = number(value)
+    if n is None:
+        return None
+    if n > _EPOCH_MAX:
+        n = n / 1000
+    if not _EPOCH_MIN <= n <= _EPOCH_MAX:
+        return None
+    return datetime.fromtimestamp(n, tz=timezone.utc)
+
+
+def finish(values: dict[str, Any], soc_modules: dict[str, float]) -> dict[str, Any]:
+    """Drop unknown columns and add soc_min_percent: lowest pack SoC, else the headline SoC."""
+    result = {k: v for k, v in values.items() if v is not None}
+    if soc_modules:
+        result["soc_min_percent"] = min(soc_modules.values())
+    elif "soc_percent" in result:
+        result["soc_min_percent"] = result["soc_percent"]
+    return result

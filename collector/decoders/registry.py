@@ -1,0 +1,165 @@
+"""Pick the decoder for a payload by its shape and topic, and run it: the one entry point."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from typing import Any
+
+from . import delta_gen1, delta_gen2, gen3, powerstream, protobuf, smartplug
+from .json_envelopes import Unwrapped, unwrap
+from .models import model_for
+from .reading import DecodeError, Reading, epoch_ts
+
+# A serial number: letters and digits. Placeholders ("<sn>", "${sn}") and masked ones ("****")
+# in captured topics and payloads are not serial numbers.
+_SN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{3,63}$")
+
+# Where topics carry the serial number (PROTOCOL.md and DESIGN.md topic shapes).
+_TOPIC_SN = (
+    re.compile(r"^/app/device/property/([^/]+)$"),
+    re.compile(r"^/app/[^/]+/([^/]+)/thing/property/[^/]+$"),
+    re.compile(r"^/open/[^/]+/([^/]+)/[^/]+$"),
+    re.compile(r"^bridge-ecoflow/([^/]+)/data$"),
+)
+
+_BASE64 = re.compile(rb"^[A-Za-z0-9+/]+={0,2}$")
+
+
+def serial_number(candidate: Any) -> str | None:
+    """`candidate` when it looks like a serial number, else None."""
+    if isinstance(candidate, str) and _SN.match(candidate):
+        return candidate
+    return None
+
+
+def sn_from_topic(topic: str | None) -> str | None:
+    """The serial number a topic names, or None."""
+    for pattern in _TOPIC_SN:
+        match = pattern.match(topic or "")
+        if match:
+            return serial_number(match.group(1))
+    return None
+
+
+def _source_from(topic: str | None, shape: str) -> str | None:
+    if topic:
+        if topic.startswith("/open/"):
+            return "open_mqtt"
+        if topic.startswith("/app/"):
+            return "app_mqtt"
+        if topic.startswith("bridge-ecoflow/"):
+            return "bridge"
+    if shape.startswith("rest"):
+        return "rest"
+    if shape.startswith("open"):
+        return "open_mqtt"
+    return None
+
+
+def _json_family(unwrapped: Unwrapped, model: str | None) -> str | None:
+    keys = unwrapped.fields.keys()
+    if any(k.startswith(powerstream.PREFIX) for k in keys):
+        return powerstream.FAMILY
+    if any(k.startswith(smartplug.PREFIX) for k in keys):
+        return smartplug.FAMILY
+    if gen3.MARKER_KEYS & set(keys):
+        return gen3.FAMILY
+    if model in ("Delta Pro", "Delta Max") or any(k.startswith(delta_gen1.PREFIXES) for k in keys):
+        return delta_gen1.FAMILY
+    if any(k.startswith(delta_gen2.PREFIXES) for k in keys):
+        return delta_gen2.FAMILY
+    return None
+
+
+def _strip(fields: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in fields.items() if k.startswith(prefix)}
+
+
+def decode_json(document: Any, topic: str | None = None, source: str | None = None) -> Reading:
+    """One Reading from a parsed JSON document."""
+    unwrapped = unwrap(document)
+    device_sn = sn_from_topic(topic) or serial_number(unwrapped.sn)
+    model = model_for(device_sn, unwrapped.product_type)
+    family = _json_family(unwrapped, model)
+    raw = document
+    source = source or _source_from(topic, unwrapped.shape)
+    ts = epoch_ts(unwrapped.timestamp)
+
+    if unwrapped.online is False and not unwrapped.fields:
+        return Reading(device_sn, ts, {}, raw, family or "offline", model, online=False,
+                       source=source)
+    if family is None:
+        if unwrapped.shape == "rest_quota_all":
+            raise DecodeError("JSON object carries no EcoFlow quota keys")
+        # A well-formed EcoFlow message about a module we do not map (e.g. backend `addr` data).
+        return Reading(device_sn, ts, {}, raw, "unmapped", model, online=unwrapped.online,
+                       source=source)
+
+    if family == powerstream.FAMILY:
+        values, packs = powerstream.decode(_strip(unwrapped.fields, powerstream.PREFIX))
+        model = model or "PowerStream"
+    elif family == smartplug.FAMILY:
+        values, packs = smartplug.decode(_strip(unwrapped.fields, smartplug.PREFIX))
+        model = model or "Smart Plug"
+    elif family == gen3.FAMILY:
+        values, packs = gen3.decode(unwrapped.fields)
+    elif family == delta_gen1.FAMILY:
+        values, packs = delta_gen1.decode(unwrapped.fields, model)
+    else:
+        values, packs = delta_gen2.decode(unwrapped.fields, model)
+    return Reading(device_sn, ts, values, raw, family, model, soc_modules=packs,
+                   online=unwrapped.online, source=source)
+
+
+def _as_json(payload: bytes) -> Any:
+    """The JSON document in `payload`, or None when the payload is not JSON text."""
+    text = payload.lstrip()
+    if text[:1] not in (b"{", b"["):
+        return None
+    try:
+        return json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _as_base64(payload: bytes) -> bytes | None:
+    compact = b"".join(payload.split())
+    if len(compact) < 4 or len(compact) % 4 or not _BASE64.match(compact):
+        return None
+    try:
+        return base64.b64decode(compact, validate=True)
+    except binascii.Error:
+        return None
+
+
+def decode(payload: bytes, topic: str | None = None, source: str | None = None) -> list[Reading]:
+    """Decode one payload (JSON, protobuf or base64-wrapped protobuf) into its readings.
+
+    Raises DecodeError, whose message says why, for anything it cannot decode.
+    """
+    if isinstance(payload, str):
+        payload = payload.encode("utf-8")
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise DecodeError(f"payload must be bytes, not {type(payload).__name__}")
+    payload = bytes(payload)
+    if not payload.strip():
+        raise DecodeError("empty payload")
+
+    document = _as_json(payload)
+    if document is not None:
+        return [decode_json(document, topic, source)]
+    if payload.lstrip()[:1] in (b"{", b"["):
+        raise DecodeError("payload starts like JSON but is not valid UTF-8 JSON")
+
+    transport = "binary"
+    unwrapped = _as_base64(payload)
+    if unwrapped is not None:
+        payload, transport = unwrapped, "base64"
+    reading = protobuf.decode(payload, transport)
+    reading.device_sn = sn_from_topic(topic) or serial_number(reading.device_sn)
+    reading.model = model_for(reading.device_sn)
+    reading.source = source or _source_from(topic, "protobuf")
+    return [reading]

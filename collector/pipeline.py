@@ -1,0 +1,114 @@
+"""Payload in, rows out: decode, complete the snapshot, queue for the writer, publish state.
+
+Every payload ends as rows or as an `ingest_errors` entry; nothing is dropped silently. The
+`on_commit` callback (the MQTT ack) runs once everything the payload produced is committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+
+from collector.decoders import DecodeError, decode, sn_from_topic
+from collector.rows import Row
+from collector.writer import IngestError, Writer
+
+log = logging.getLogger(__name__)
+
+# A device clock further ahead than this is wrong; the receive time is used instead.
+MAX_CLOCK_AHEAD = timedelta(minutes=5)
+
+
+class Pipeline:
+    def __init__(self, writer: Writer, publish_state: Callable[[str, dict], None] | None = None,
+                 metrics=None):
+        self.writer = writer
+        self.publish_state = publish_state
+        self.metrics = metrics
+        self.names: dict[str, str] = {}
+
+    def handle(self, payload: bytes, topic: str | None, source: str,
+               on_commit: Callable[[], None] | None = None,
+               received_at: datetime | None = None) -> int:
+        """Decode one payload and queue what it produced; returns the number of rows queued."""
+        received_at = received_at or datetime.now(timezone.utc)
+        topic_sn = sn_from_topic(topic)
+        if self.metrics:
+            self.metrics.received(source)
+        try:
+            readings = decode(payload, topic=topic, source=source)
+        except DecodeError as exc:
+            return self._dead_letter(source, topic, payload, str(exc), topic_sn, on_commit)
+        except Exception as exc:  # a decoder bug must not stop the collector or lose the bytes
+            log.exception("decoder failed on a payload from %s", topic or source)
+            return self._dead_letter(source, topic, payload, f"decoder error: {exc!r}", topic_sn,
+                                     on_commit)
+
+        rows: list[Row] = []
+        for reading in readings:
+            sn = reading.device_sn or topic_sn
+            if not sn:
+                return self._dead_letter(source, topic, payload,
+                                         "no serial number in the topic or the payload", None,
+                                         on_commit)
+            if reading.online is False:
+                log.info("%s reports device %s offline", source, sn)
+                continue
+            ts = reading.ts or received_at
+            if ts > received_at + MAX_CLOCK_AHEAD:
+                ts = received_at
+            values = dict(reading.values)
+            if reading.soc_modules:
+                modules = self.writer.snapshots.merge_modules(sn, reading.soc_modules)
+                values["soc_min_percent"] = min(modules.values())
+            rows.append(Row(ts=ts, device_sn=sn, source=source, raw_data=reading.raw,
+                            values=values, model=reading.model))
+
+        for row in rows:
+            self.writer.add(row)
+        if on_commit:
+            self.writer.ack_when_committed(on_commit)
+        if self.metrics:
+            self.metrics.decoded(source, rows)
+        if self.publish_state:
+            for row in rows:
+                self._publish(row)
+        return len(rows)
+
+    def _dead_letter(self, source, topic, payload, reason, sn, on_commit) -> int:
+        log.warning("undecodable payload from %s (%d bytes): %s", topic or source, len(payload),
+                    reason)
+        self.writer.add_error(IngestError(source, topic, bytes(payload), reason, sn), on_commit)
+        if self.metrics:
+            self.metrics.failed(source)
+        return 0
+
+    def _publish(self, row: Row) -> None:
+        """The normalized state of the ecoflow-power-management telemetry contract."""
+        v = row.values
+        modules = self.writer.snapshots.merge_modules(row.device_sn, {})
+        device = self.names.get(row.device_sn, row.device_sn)
+        state = {
+            "ts": int(row.ts.timestamp() * 1000),
+            "device": device,
+            "device_sn": row.device_sn,
+            "soc": v.get("soc_percent"),
+            "soc_min": v.get("soc_min_percent"),
+            "soc_modules": list(modules.values()) or (
+                [v["soc_percent"]] if v.get("soc_percent") is not None else []),
+            "grid_connected": v.get("grid_connected"),
+            "watts_in": v.get("watts_in_sum"),
+            "watts_out": v.get("watts_out_sum"),
+            "remain_time_min": v.get("remain_time_min"),
+            "source": row.source,
+        }
+        try:
+            self.publish_state(f"bridge-ecoflow/{device}/json/state", state)
+        except Exception:
+            log.exception("publishing the normalized state of %s failed", device)
+
+
+def state_json(state: dict) -> bytes:
+    return json.dumps(state, separators=(",", ":")).encode()

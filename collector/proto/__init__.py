@@ -1,0 +1,1 @@
+"""Protobuf schemas for EcoFlow gen-3 payloads and their generated code (scripts/gen-proto)."""

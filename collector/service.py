@@ -1,0 +1,79 @@
+"""The collector process: sources -> pipeline -> writer, with metrics, until told to stop."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import psycopg
+
+from collector.metrics import Metrics
+from collector.pipeline import Pipeline
+from collector.settings import CollectorSettings
+from collector.sources.bridge import BridgeSource
+from collector.writer import Writer
+from servicekit.logging import register_secret
+from servicekit.settings import DatabaseSettings
+
+log = logging.getLogger("ecoflow.collector")
+
+NAMES_SQL = "SELECT device_sn, name FROM devices WHERE name IS NOT NULL"
+
+
+class Collector:
+    def __init__(self, settings: CollectorSettings, db: DatabaseSettings):
+        register_secret(settings.mqtt_pass)
+        register_secret(db.postgres_password)
+        self.settings = settings
+        self.db = db
+        self.metrics = Metrics()
+        self.writer = Writer(db.libpq_url(), batch_rows=settings.batch_rows,
+                             flush_interval=settings.flush_interval_sec,
+                             max_buffer=settings.max_buffer_rows, metrics=self.metrics)
+        self.pipeline = Pipeline(self.writer, metrics=self.metrics)
+        self.sources: list = []
+        self._stop = threading.Event()
+
+    def start(self) -> None:
+        s = self.settings
+        self._load_names()
+        self.writer.start()
+        bridge = BridgeSource(self.pipeline, s.mqtt_host, s.mqtt_port, s.topic_list, s.client_id,
+                              s.mqtt_user, s.mqtt_pass, s.mqtt_tls_ca)
+        if s.publish_state:
+            self.pipeline.publish_state = bridge.publish_state
+        self.sources.append(bridge)
+        for source in self.sources:
+            source.start()
+        self.metrics.serve(s.exporter_port)
+        log.info("collector running: sources %s, metrics on :%s", s.sources, s.exporter_port or "off")
+
+    def _load_names(self) -> None:
+        try:
+            with psycopg.connect(self.db.libpq_url(), connect_timeout=5) as conn:
+                self.pipeline.names = {sn: _topic_safe(name)
+                                       for sn, name in conn.execute(NAMES_SQL).fetchall()}
+        except psycopg.Error as exc:
+            log.warning("device names not loaded (%s); states are published by serial number",
+                        type(exc).__name__)
+
+    def run_forever(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        self.start()
+        while not self._stop.wait(5):
+            self.metrics.refresh()
+        self.stop()
+
+    def stop(self) -> None:
+        # Flush first, so the final acks still go out on the live connections.
+        self.writer.stop()
+        for source in self.sources:
+            source.stop()
+        log.info("collector stopped: %d rows written, %d duplicates skipped, %d ingest errors",
+                 self.writer.rows_written, self.writer.rows_duplicate, self.writer.errors_written)
+
+
+def _topic_safe(name: str) -> str:
+    return "".join("_" if c in "/+#" else c for c in name)

@@ -1,0 +1,1 @@
+"""Where readings come from; every source hands payloads to the pipeline."""

@@ -1,0 +1,63 @@
+"""Helpers for collector tests: build device payloads, publish them, wait for rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion
+
+REPO = Path(__file__).resolve().parent.parent
+SN = "R351ZFB4HF123456"
+T0_MS = 1767225600000
+
+
+def delta2_push(i: int, soc: float | None = None, watts_out: int | None = None) -> bytes:
+    """An app-MQTT style Delta 2 Max push, numbered i (one second apart)."""
+    params = {"bms_emsStatus.f32LcdShowSoc": soc if soc is not None else 90 - (i % 50) * 0.5}
+    if watts_out is not None:
+        params["pd.wattsOutSum"] = watts_out
+    return json.dumps({"id": i, "version": "1.0", "timestamp": T0_MS + i * 1000,
+                       "params": params}).encode()
+
+
+def publisher(host: str, port: int, client_id: str = "test-publisher") -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.connect(host, port)
+    c.loop_start()
+    return c
+
+
+def publish_all(client: mqtt.Client, topic: str, payloads: list[bytes]) -> None:
+    infos = [client.publish(topic, p, qos=1) for p in payloads]
+    for info in infos:
+        info.wait_for_publish(10)
+
+
+def wait_rows(url: str, count: int, timeout: float = 20.0, table: str = "ecoflow_measurements"):
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while True:
+            n = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            if n >= count or time.monotonic() > deadline:
+                return n
+            time.sleep(0.1)
+
+
+def collector_env(db_url: str, broker, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("POSTGRES_", "MQTT_", "COLLECTOR_"))}
+    env.update(DATABASE_URL=db_url, MQTT_HOST=broker.host, MQTT_PORT=str(broker.port),
+               EXPORTER_PORT="0", FLUSH_INTERVAL_SEC="0.2", LOG_LEVEL="INFO", **extra)
+    return env
+
+
+def start_collector_process(env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "collector"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

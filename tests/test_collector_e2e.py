@@ -1,0 +1,173 @@
+"""End to end with real Mosquitto and TimescaleDB: payloads on the broker become rows, exactly
+once each, through redeliveries, crashes and outages."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from collector.service import Collector
+from collector.settings import CollectorSettings
+from servicekit.settings import DatabaseSettings
+from testbed.mosquitto import MosquittoServer
+from tests.collector_support import (
+    SN,
+    collector_env,
+    delta2_push,
+    publish_all,
+    publisher,
+    start_collector_process,
+    wait_rows,
+)
+
+TOPIC = f"bridge-ecoflow/{SN}/data"
+
+
+@pytest.fixture
+def collector(db_url, mqtt_broker, request):
+    settings = CollectorSettings(MQTT_HOST=mqtt_broker.host, MQTT_PORT=mqtt_broker.port,
+                                 EXPORTER_PORT=0, FLUSH_INTERVAL_SEC=0.2,
+                                 COLLECTOR_CLIENT_ID=f"collector-{request.node.name[:40]}")
+    c = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
+    c.start()
+    assert c.sources[0].connected.wait(5)
+    yield c
+    c.stop()
+
+
+def test_published_payloads_become_rows_with_their_values(collector, mqtt_broker, db_url, db):
+    pub = publisher(mqtt_broker.host, mqtt_broker.port)
+    publish_all(pub, TOPIC, [delta2_push(i, soc=80 - i, watts_out=100 + i) for i in range(20)])
+    assert wait_rows(db_url, 20) == 20
+    rows = db.execute("SELECT soc_percent, watts_out_sum, source, raw_data->>'id'"
+                      " FROM ecoflow_measurements ORDER BY ts").fetchall()
+    assert rows == [(80 - i, 100 + i, "bridge", str(i)) for i in range(20)]
+    assert db.execute("SELECT model FROM devices WHERE device_sn = %s", (SN,)).fetchone() == (
+        "Delta 2 Max",)
+    pub.disconnect()
+
+
+def test_redelivered_messages_store_no_duplicates(collector, mqtt_broker, db_url, db):
+    pub = publisher(mqtt_broker.host, mqtt_broker.port)
+    payloads = [delta2_push(i) for i in range(10)]
+    publish_all(pub, TOPIC, payloads)
+    publish_all(pub, TOPIC, payloads)
+    wait_rows(db_url, 10)
+    time.sleep(0.6)
+    assert db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (10,)
+    assert collector.writer.rows_duplicate == 10
+    pub.disconnect()
+
+
+def test_undecodable_payloads_go_to_ingest_errors_and_the_collector_carries_on(
+        collector, mqtt_broker, db_url, db):
+    pub = publisher(mqtt_broker.host, mqtt_broker.port)
+    publish_all(pub, TOPIC, [b"\xff\xfe not a payload", b"{\"json\": \"but unknown\"}"])
+    publish_all(pub, TOPIC, [delta2_push(1)])
+    assert wait_rows(db_url, 2, table="ingest_errors") == 2
+    assert wait_rows(db_url, 1) == 1
+    payloads = {r[0] for r in db.execute("SELECT payload FROM ingest_errors").fetchall()}
+    assert b"\xff\xfe not a payload" in payloads
+    pub.disconnect()
+
+
+def test_partial_messages_publish_a_complete_normalized_state(collector, mqtt_broker, db_url):
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    states = []
+    sn = "R351ZFB4HF999999"  # states are retained: a serial of its own keeps earlier tests out
+    sub.on_message = lambda _c, _u, m: states.append(json.loads(m.payload))
+    sub.connect(mqtt_broker.host, mqtt_broker.port)
+    sub.subscribe(f"bridge-ecoflow/{sn}/json/state", qos=1)
+    sub.loop_start()
+    time.sleep(0.3)
+    pub = publisher(mqtt_broker.host, mqtt_broker.port)
+    topic = f"bridge-ecoflow/{sn}/data"
+    publish_all(pub, topic, [delta2_push(0, soc=70)])
+    publish_all(pub, topic, [json.dumps({"id": 9, "timestamp": 1767225605000,
+                                         "params": {"pd.wattsOutSum": 250}}).encode()])
+    deadline = time.monotonic() + 5
+    while len(states) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert states[-1]["soc"] == 70 and states[-1]["watts_out"] == 250
+    assert states[-1]["soc_min"] == 70 and states[-1]["device"] == sn
+    for c in (pub, sub):
+        c.disconnect()
+
+
+def test_collector_killed_mid_stream_loses_nothing(db_url, mqtt_broker, db):
+    env = collector_env(db_url, mqtt_broker, COLLECTOR_CLIENT_ID="collector-kill-test")
+    proc = start_collector_process(env)
+    pub = publisher(mqtt_broker.host, mqtt_broker.port, "kill-test-publisher")
+    try:
+        time.sleep(1.5)
+        publish_all(pub, TOPIC, [delta2_push(i) for i in range(300)])
+        wait_rows(db_url, 50)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        publish_all(pub, TOPIC, [delta2_push(i) for i in range(300, 600)])
+        proc = start_collector_process(env)
+        assert wait_rows(db_url, 600, timeout=30) == 600
+        time.sleep(0.5)
+        assert db.execute("SELECT count(DISTINCT ts), count(*) FROM ecoflow_measurements"
+                          ).fetchone() == (600, 600)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        pub.disconnect()
+
+
+def test_database_stopped_while_publishing_continues_loses_nothing():
+    from servicekit.migrate import upgrade
+    from testbed.postgres import PostgresServer
+    from tests.services import DatabaseServer
+
+    with PostgresServer() as pg, MosquittoServer() as broker:
+        ds = DatabaseServer(pg.url(), pg.timescaledb, "native")
+        ds.create_database("c")
+        upgrade(ds.settings("c"))
+        settings = CollectorSettings(MQTT_HOST=broker.host, MQTT_PORT=broker.port,
+                                     EXPORTER_PORT=0, FLUSH_INTERVAL_SEC=0.2)
+        c = Collector(settings, DatabaseSettings(DATABASE_URL=ds.url("c")))
+        c.writer.retry_max_sec = 0.5
+        c.start()
+        assert c.sources[0].connected.wait(5)
+        pub = publisher(broker.host, broker.port)
+        publish_all(pub, TOPIC, [delta2_push(i) for i in range(100)])
+        wait_rows(ds.url("c"), 100)
+        pg.halt()
+        publish_all(pub, TOPIC, [delta2_push(i) for i in range(100, 400)])
+        time.sleep(3)  # a real outage would be longer; the buffer and the broker hold the rows
+        pg.start()
+        assert wait_rows(ds.url("c"), 400, timeout=30) == 400
+        c.stop()
+        pub.disconnect()
+
+
+def test_broker_restart_is_survived(db_url, db):
+    with MosquittoServer(persistence=True) as broker:
+        settings = CollectorSettings(MQTT_HOST=broker.host, MQTT_PORT=broker.port,
+                                     EXPORTER_PORT=0, FLUSH_INTERVAL_SEC=0.2)
+        c = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
+        c.start()
+        assert c.sources[0].connected.wait(5)
+        pub = publisher(broker.host, broker.port)
+        publish_all(pub, TOPIC, [delta2_push(i) for i in range(50)])
+        wait_rows(db_url, 50)
+        pub.disconnect()
+        broker.halt()
+        time.sleep(0.5)
+        broker.start()
+        assert c.sources[0].connected.wait(40)
+        pub = publisher(broker.host, broker.port)
+        publish_all(pub, TOPIC, [delta2_push(i) for i in range(50, 100)])
+        assert wait_rows(db_url, 100) == 100
+        c.stop()
+        pub.disconnect()
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (100,)
