@@ -40,17 +40,24 @@ class Pipeline:
         try:
             readings = decode(payload, topic=topic, source=source)
         except DecodeError as exc:
-            return self._dead_letter(source, topic, payload, str(exc), topic_sn, on_commit)
+            return self.dead_letter(source, topic, payload, str(exc), topic_sn, on_commit)
         except Exception as exc:  # a decoder bug must not stop the collector or lose the bytes
             log.exception("decoder failed on a payload from %s", topic or source)
-            return self._dead_letter(source, topic, payload, f"decoder error: {exc!r}", topic_sn,
+            return self.dead_letter(source, topic, payload, f"decoder error: {exc!r}", topic_sn,
                                      on_commit)
+        return self.handle_readings(readings, payload, topic, source, on_commit, received_at)
 
+    def handle_readings(self, readings: list, payload: bytes, topic: str | None, source: str,
+                        on_commit: Callable[[], None] | None = None,
+                        received_at: datetime | None = None) -> int:
+        """Queue readings a source decoded itself (e.g. NUT variables)."""
+        received_at = received_at or datetime.now(timezone.utc)
+        topic_sn = sn_from_topic(topic)
         rows: list[Row] = []
         for reading in readings:
             sn = reading.device_sn or topic_sn
             if not sn:
-                return self._dead_letter(source, topic, payload,
+                return self.dead_letter(source, topic, payload,
                                          "no serial number in the topic or the payload", None,
                                          on_commit)
             if reading.online is False:
@@ -77,7 +84,7 @@ class Pipeline:
                 self._publish(row)
         return len(rows)
 
-    def _dead_letter(self, source, topic, payload, reason, sn, on_commit) -> int:
+    def dead_letter(self, source, topic, payload, reason, sn, on_commit) -> int:
         log.warning("undecodable payload from %s (%d bytes): %s", topic or source, len(payload),
                     reason)
         self.writer.add_error(IngestError(source, topic, bytes(payload), reason, sn), on_commit)

@@ -12,6 +12,8 @@ from collector.metrics import Metrics
 from collector.pipeline import Pipeline
 from collector.settings import CollectorSettings
 from collector.sources.bridge import BridgeSource
+from collector.sources.nut import NutSource
+from collector.sources.simulator import Simulator, default_stations
 from collector.writer import Writer
 from servicekit.logging import register_secret
 from servicekit.settings import DatabaseSettings
@@ -24,6 +26,7 @@ NAMES_SQL = "SELECT device_sn, name FROM devices WHERE name IS NOT NULL"
 class Collector:
     def __init__(self, settings: CollectorSettings, db: DatabaseSettings):
         register_secret(settings.mqtt_pass)
+        register_secret(settings.nut_password)
         register_secret(db.postgres_password)
         self.settings = settings
         self.db = db
@@ -39,11 +42,22 @@ class Collector:
         s = self.settings
         self._load_names()
         self.writer.start()
-        bridge = BridgeSource(self.pipeline, s.mqtt_host, s.mqtt_port, s.topic_list, s.client_id,
-                              s.mqtt_user, s.mqtt_pass, s.mqtt_tls_ca)
-        if s.publish_state:
-            self.pipeline.publish_state = bridge.publish_state
-        self.sources.append(bridge)
+        # The bridge subscription also consumes the simulator, which publishes like a bridge.
+        if {"bridge", "simulator"} & set(s.source_list):
+            bridge = BridgeSource(self.pipeline, s.mqtt_host, s.mqtt_port, s.topic_list,
+                                  s.client_id, s.mqtt_user, s.mqtt_pass, s.mqtt_tls_ca)
+            if s.publish_state:
+                self.pipeline.publish_state = bridge.publish_state
+            self.sources.append(bridge)
+        if "simulator" in s.source_list:
+            self.sources.append(Simulator(
+                default_stations(s.simulator_scenario), s.mqtt_host, s.mqtt_port,
+                s.simulator_interval_sec, s.simulator_accel, s.mqtt_user, s.mqtt_pass,
+                client_id=f"{s.client_id}-simulator"))
+        if "nut" in s.source_list:
+            self.sources.append(NutSource(self.pipeline, s.nut_host, s.nut_port, s.nut_ups,
+                                          s.nut_poll_sec, s.nut_device_sn, s.nut_user,
+                                          s.nut_password))
         for source in self.sources:
             source.start()
         self.metrics.serve(s.exporter_port)

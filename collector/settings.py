@@ -29,6 +29,28 @@ class CollectorSettings(BaseSettings):
     max_buffer_rows: int = Field(default=50_000, ge=100, validation_alias="MAX_BUFFER_ROWS")
     exporter_port: int = Field(default=9090, ge=0, le=65535, validation_alias="EXPORTER_PORT")
 
+    simulator_scenario: str = Field(default="outage", validation_alias="SIMULATOR_SCENARIO")
+    simulator_accel: float = Field(default=1.0, gt=0, le=10_000, validation_alias="SIMULATOR_ACCEL")
+    simulator_interval_sec: float = Field(default=5.0, gt=0, le=3600,
+                                          validation_alias="SIMULATOR_INTERVAL_SEC")
+
+    nut_host: str = Field(default="localhost", validation_alias="NUT_HOST")
+    nut_port: int = Field(default=3493, ge=1, le=65535, validation_alias="NUT_PORT")
+    nut_ups: str = Field(default="ups", validation_alias="NUT_UPS")
+    nut_user: str | None = Field(default=None, validation_alias="NUT_USER")
+    nut_password: str | None = Field(default=None, validation_alias="NUT_PASSWORD")
+    nut_poll_sec: float = Field(default=5.0, gt=0, le=3600, validation_alias="NUT_POLL_SEC")
+    nut_device_sn: str | None = Field(default=None, validation_alias="NUT_DEVICE_SN")
+
+    @field_validator("simulator_scenario")
+    @classmethod
+    def _scenario(cls, value: str) -> str:
+        from collector.sources.simulator import SCENARIOS
+
+        if value not in SCENARIOS:
+            raise ValueError(f"unknown scenario {value!r}: choose from {sorted(SCENARIOS)}")
+        return value
+
     @field_validator("sources")
     @classmethod
     def _known_sources(cls, value: str) -> str:
@@ -64,7 +86,11 @@ ENV_NAMES = {
     "client_id": "COLLECTOR_CLIENT_ID", "bridge_topics": "BRIDGE_TOPICS",
     "publish_state": "PUBLISH_STATE", "batch_rows": "BATCH_ROWS",
     "flush_interval_sec": "FLUSH_INTERVAL_SEC", "max_buffer_rows": "MAX_BUFFER_ROWS",
-    "exporter_port": "EXPORTER_PORT",
+    "exporter_port": "EXPORTER_PORT", "simulator_scenario": "SIMULATOR_SCENARIO",
+    "simulator_accel": "SIMULATOR_ACCEL", "simulator_interval_sec": "SIMULATOR_INTERVAL_SEC",
+    "nut_host": "NUT_HOST", "nut_port": "NUT_PORT", "nut_ups": "NUT_UPS", "nut_user": "NUT_USER",
+    "nut_password": "NUT_PASSWORD", "nut_poll_sec": "NUT_POLL_SEC",
+    "nut_device_sn": "NUT_DEVICE_SN",
 }
 
 

@@ -171,3 +171,32 @@ def test_broker_restart_is_survived(db_url, db):
         pub.disconnect()
         with psycopg.connect(db_url) as conn:
             assert conn.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (100,)
+
+
+def test_metrics_endpoint_exposes_device_gauges_and_health(db_url, mqtt_broker):
+    import urllib.request
+
+    from testbed.ports import free_port
+
+    port = free_port()
+    settings = CollectorSettings(MQTT_HOST=mqtt_broker.host, MQTT_PORT=mqtt_broker.port,
+                                 EXPORTER_PORT=port, FLUSH_INTERVAL_SEC=0.2,
+                                 COLLECTOR_CLIENT_ID="collector-metrics-test")
+    c = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
+    c.start()
+    try:
+        assert c.sources[0].connected.wait(5)
+        pub = publisher(mqtt_broker.host, mqtt_broker.port, "metrics-publisher")
+        publish_all(pub, TOPIC, [delta2_push(i, soc=66, watts_out=120) for i in range(3)])
+        publish_all(pub, TOPIC, [b"garbage"])
+        wait_rows(db_url, 3)
+        c.metrics.refresh()
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        pub.disconnect()
+    finally:
+        c.stop()
+    assert f'ecoflow_soc_percent{{device="{SN}"}} 66.0' in body
+    assert f'ecoflow_watts_out{{device="{SN}"}} 120.0' in body
+    assert 'ecoflow_collector_messages_failed_total{source="bridge"} 1.0' in body
+    assert "ecoflow_collector_rows_written_total 3.0" in body
+    assert f'ecoflow_seconds_since_last_reading{{device="{SN}"}}' in body
