@@ -35,7 +35,7 @@ demo: $(STAMP) system-deps
 	@echo "make demo: not yet available (the demo lands with the collector, policy and agents)."
 
 bench: $(STAMP) system-deps
-	@echo "make bench: not yet available (benchmarks land with the demo issue)."
+	$(PY) -m bench.ingest $(BENCH_ARGS)
 
 proto: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/gen-proto

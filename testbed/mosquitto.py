@@ -63,6 +63,9 @@ class MosquittoServer:
             "log_type warning",
             "log_type notice",
             f"user {getpass.getuser()}",
+            # Mosquitto drops QoS 1 messages beyond this per-client queue; a consumer that
+            # acks after each database commit must not lose messages to a burst.
+            "max_queued_messages 1000000",
         ]
         if self.users is not None:
             pwfile = self.base / "passwd"

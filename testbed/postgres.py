@@ -48,9 +48,13 @@ def timescaledb_installed(bindir: Path) -> bool:
 class PostgresServer:
     """One throwaway cluster. Use as a context manager, or call start() and stop()."""
 
-    def __init__(self, timescaledb: bool = True, bindir: Path | None = None, base: str | None = None):
+    def __init__(self, timescaledb: bool = True, bindir: Path | None = None, base: str | None = None,
+                 durable: bool = False):
         self.bindir = bindir or find_bindir()
         self.timescaledb = timescaledb and timescaledb_installed(self.bindir)
+        # Tests trade durability for speed; benchmarks keep PostgreSQL's defaults so that
+        # per-commit costs are what a real installation pays.
+        self.durable = durable
         self.base = Path(tempfile.mkdtemp(prefix="ecoflow-pg-", dir=base))
         self.datadir = self.base / "data"
         self.logfile = self.base / "server.log"
@@ -109,13 +113,12 @@ class PostgresServer:
             f"port = {self.port}",
             "listen_addresses = '127.0.0.1'",
             f"unix_socket_directories = '{self.base}'",
-            "fsync = off",
-            "synchronous_commit = off",
-            "full_page_writes = off",
             "max_connections = 200",
             "timezone = 'UTC'",
             "log_min_messages = warning",
         ]
+        if not self.durable:
+            conf += ["fsync = off", "synchronous_commit = off", "full_page_writes = off"]
         if self.timescaledb:
             conf += [
                 "shared_preload_libraries = 'timescaledb'",
