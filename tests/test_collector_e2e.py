@@ -141,8 +141,10 @@ def test_database_stopped_while_publishing_continues_loses_nothing():
         publish_all(pub, TOPIC, [delta2_push(i) for i in range(100)])
         wait_rows(ds.url("c"), 100)
         pg.halt()
-        publish_all(pub, TOPIC, [delta2_push(i) for i in range(100, 400)])
-        time.sleep(3)  # a real outage would be longer; the buffer and the broker hold the rows
+        # Publishing goes on through a 30-second outage; the buffer and the broker hold it all.
+        for k in range(10):
+            publish_all(pub, TOPIC, [delta2_push(i) for i in range(100 + 30 * k, 130 + 30 * k)])
+            time.sleep(3)
         pg.start()
         assert wait_rows(ds.url("c"), 400, timeout=30) == 400
         c.stop()
@@ -200,3 +202,33 @@ def test_metrics_endpoint_exposes_device_gauges_and_health(db_url, mqtt_broker):
     assert 'ecoflow_collector_messages_failed_total{source="bridge"} 1.0' in body
     assert "ecoflow_collector_rows_written_total 3.0" in body
     assert f'ecoflow_seconds_since_last_reading{{device="{SN}"}}' in body
+
+
+def test_collector_command_decodes_a_payload_file(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.collector_support import REPO
+
+    f = tmp_path / "push.json"
+    f.write_bytes(delta2_push(3, soc=42.5, watts_out=77))
+    out = subprocess.run([sys.executable, "-m", "collector", "decode", "--topic", TOPIC, str(f)],
+                         capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.returncode == 0, out.stderr
+    [reading] = json.loads(out.stdout)
+    assert reading["device_sn"] == SN
+    assert reading["values"]["soc_percent"] == 42.5 and reading["values"]["watts_out_sum"] == 77
+
+
+def test_bad_collector_setting_stops_start_up_naming_the_variable(db_url, mqtt_broker):
+    import subprocess
+    import sys
+
+    from tests.collector_support import REPO
+
+    env = collector_env(db_url, mqtt_broker, COLLECTOR_SOURCES="bridge,carrier-pigeon")
+    out = subprocess.run([sys.executable, "-m", "collector"], env=env, capture_output=True,
+                         text=True, cwd=REPO, timeout=60)
+    assert out.returncode != 0
+    assert "COLLECTOR_SOURCES" in out.stderr and "carrier-pigeon" in out.stderr
+    assert "Traceback" not in out.stderr
