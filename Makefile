@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help test demo bench lint migrate proto system-deps venv clean
+.PHONY: help test demo bench lint migrate proto system-deps venv clean add-mqtt-user
 
 help:
 	@echo "make test      run the test suite (starts its own PostgreSQL+TimescaleDB and Mosquitto)"
@@ -39,6 +39,11 @@ bench: $(STAMP) system-deps
 
 proto: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/gen-proto
+
+# make add-mqtt-user NAME=nas-01: create or update a broker user in compose/mosquitto/passwd
+add-mqtt-user:
+	@test -n "$(NAME)" || { echo "usage: make add-mqtt-user NAME=<user>"; exit 2; }
+	scripts/add-mqtt-user $(NAME)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
