@@ -47,6 +47,7 @@ class Metrics:
         self.device = {col: Gauge(name, doc, ["device"], registry=r)
                        for col, (name, doc) in DEVICE_GAUGES.items()}
         self._last_seen: dict[str, float] = {}
+        self._children: dict[str, dict] = {}  # per device, labelled gauges (labels() is costly)
 
     def received(self, source: str) -> None:
         self.messages.labels(source).inc()
@@ -57,17 +58,24 @@ class Metrics:
     def decoded(self, source: str, rows: list[Row]) -> None:
         self.decoded_total.labels(source).inc()
         for row in rows:
-            for col, gauge in self.device.items():
-                value = row.values.get(col)
-                if value is not None:
-                    gauge.labels(row.device_sn).set(value)
-            grid = row.values.get("grid_connected")
-            if grid is not None:
-                self.grid.labels(row.device_sn).set(1 if grid else 0)
+            gauges = self._device_gauges(row.device_sn)
+            for col, value in row.values.items():
+                gauge = gauges.get(col)
+                if gauge is not None and value is not None:
+                    gauge.set(1 if value is True else 0 if value is False else value)
             ts = row.ts.timestamp()
             if ts >= self._last_seen.get(row.device_sn, 0):
                 self._last_seen[row.device_sn] = ts
-                self.last_reading.labels(row.device_sn).set(ts)
+                gauges["_last_reading"].set(ts)
+
+    def _device_gauges(self, sn: str) -> dict:
+        children = self._children.get(sn)
+        if children is None:
+            children = {col: g.labels(sn) for col, g in self.device.items()}
+            children["grid_connected"] = self.grid.labels(sn)
+            children["_last_reading"] = self.last_reading.labels(sn)
+            self._children[sn] = children
+        return children
 
     def refresh(self, stale_after_sec: float = 120) -> None:
         now = time.time()
