@@ -38,15 +38,17 @@ def simulate(argv: list[str]) -> int:
     from collector.sources.simulator import SCENARIOS, Simulator, default_stations
     from servicekit import logging as logsetup
 
-    parser = argparse.ArgumentParser(prog="python -m collector simulate")
-    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default="outage")
-    parser.add_argument("--accel", type=float, default=1.0,
-                        help="run the stations' physics this many times faster than real time")
-    parser.add_argument("--interval", type=float, default=5.0,
-                        help="seconds between payloads of one station")
-    args = parser.parse_args(argv)
     logsetup.setup()
     s = collector_settings()
+    parser = argparse.ArgumentParser(prog="python -m collector simulate",
+                                     description="Defaults come from SIMULATOR_SCENARIO,"
+                                     " SIMULATOR_ACCEL and SIMULATOR_INTERVAL_SEC.")
+    parser.add_argument("--scenario", choices=sorted(SCENARIOS), default=s.simulator_scenario)
+    parser.add_argument("--accel", type=float, default=s.simulator_accel,
+                        help="run the stations' physics this many times faster than real time")
+    parser.add_argument("--interval", type=float, default=s.simulator_interval_sec,
+                        help="seconds between payloads of one station")
+    args = parser.parse_args(argv)
     sim = Simulator(default_stations(args.scenario), s.mqtt_host, s.mqtt_port, args.interval,
                     args.accel, s.mqtt_user, s.mqtt_pass)
     stop = threading.Event()
