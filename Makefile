@@ -36,6 +36,7 @@ demo: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	$(PY) -m bench.ingest $(BENCH_ARGS)
+	BENCH=1 $(PY) -m pytest tests/test_policy_bench.py -q -s -p no:cacheprovider
 
 proto: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/gen-proto

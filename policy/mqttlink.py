@@ -1,0 +1,111 @@
+"""The worker's MQTT connection: publishes commands, collects agents' acks and status messages."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger("ecoflow.policy.mqtt")
+
+ACK_TOPIC = "power-manager/+/ack"
+STATUS_TOPIC = "power-manager/+/status"
+# Acks sent while the worker was briefly away are kept by the broker for this long.
+SESSION_EXPIRY_SEC = 3600
+
+
+@dataclass(frozen=True)
+class Incoming:
+    agent: str
+    kind: str  # "ack" or "status"
+    payload: dict | None  # None when the message was not a JSON object
+    raw: bytes
+
+
+class MqttLink:
+    """One MQTT v5 client; incoming acks and status messages wait in `inbox` for the worker."""
+
+    def __init__(self, host: str, port: int, client_id: str, username: str | None = None,
+                 password: str | None = None, tls_ca: str | None = None):
+        self.inbox: queue.Queue[Incoming] = queue.Queue()
+        self.connected = threading.Event()
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
+        )
+        if username:
+            self._client.username_pw_set(username, password)
+        if tls_ca:
+            self._client.tls_set(ca_certs=tls_ca, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.reconnect_delay_set(1, 30)
+        self._host, self._port = host, port
+
+    @classmethod
+    def from_settings(cls, settings, client_id: str | None = None) -> MqttLink:
+        return cls(
+            settings.mqtt_host,
+            settings.mqtt_port,
+            client_id or settings.mqtt_client_id,
+            settings.mqtt_user,
+            settings.mqtt_pass.get_secret_value() if settings.mqtt_pass else None,
+            str(settings.mqtt_tls_ca) if settings.mqtt_tls_ca else None,
+        )
+
+    def start(self, wait_sec: float = 10.0) -> None:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_SEC
+        self._client.connect_async(self._host, self._port, keepalive=30, clean_start=False,
+                                   properties=props)
+        self._client.loop_start()
+        if not self.connected.wait(wait_sec):
+            log.warning("MQTT broker %s:%s not reachable yet; commands wait in the database "
+                        "and are sent when it is", self._host, self._port)
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def publish_command(self, agent: str, payload: dict, expiry_sec: int) -> bool:
+        """QoS 1, never retained, MQTT v5 message expiry; False when not handed to the broker."""
+        props = Properties(PacketTypes.PUBLISH)
+        props.MessageExpiryInterval = max(1, int(expiry_sec))
+        info = self._client.publish(
+            f"power-manager/{agent}/cmd", json.dumps(payload, separators=(",", ":")),
+            qos=1, retain=False, properties=props,
+        )
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            log.error("MQTT connection refused: %s", reason_code)
+            return
+        client.subscribe([(ACK_TOPIC, 1), (STATUS_TOPIC, 1)])
+        self.connected.set()
+        log.info("connected to MQTT %s:%s", self._host, self._port)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.connected.clear()
+        log.warning("MQTT disconnected (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, msg):
+        parts = msg.topic.split("/")
+        if len(parts) != 3 or parts[2] not in ("ack", "status"):
+            return
+        try:
+            payload = json.loads(msg.payload)
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            # Some agents publish a bare "online"/"offline" string as their status.
+            text = msg.payload.decode("utf-8", "replace").strip().strip('"')
+            payload = {"state": text} if parts[2] == "status" and text else None
+        self.inbox.put(Incoming(parts[1], parts[2], payload, bytes(msg.payload)))

@@ -1,0 +1,222 @@
+-- One row per (enabled agent, station that supplies it): the station's state at %(now)s and
+-- which shutdown trigger, if any, has fired for this agent's thresholds.
+--
+-- Only readings with ts <= %(now)s count, so the same query answers "now" (callers pass now())
+-- and any moment of the past (tests, replay). Every "since" is derived from the readings, not
+-- from the worker's memory: a restarted worker reaches the same decision at the same moment.
+--
+-- Parameters: now, soc_min, soc_margin, runtime_min, runtime_margin, max_on_battery_sec,
+-- debounce_sec, confirm_sec, cooldown_sec, rearm_soc, slope_window_sec.
+WITH pairs AS (
+    SELECT a.agent_id, a.tier, a.min_supplies, a.shutdown_delay_sec,
+           s.device_sn, d.name AS device_name,
+           d.stale_after_sec, d.dead_after_sec,
+           coalesce(a.soc_threshold, %(soc_min)s)::float8               AS soc_thr,
+           coalesce(a.runtime_threshold_min, %(runtime_min)s)::float8   AS runtime_thr,
+           coalesce(a.max_on_battery_sec, %(max_on_battery_sec)s)::float8 AS battery_limit_sec
+      FROM agents a
+      JOIN agent_supplies s ON s.agent_id = a.agent_id
+      JOIN devices d ON d.device_sn = s.device_sn
+     WHERE a.enabled
+), station AS (
+    SELECT p.*,
+           latest.ts AS last_ts,
+           latest.soc AS soc,
+           latest.remain_time_min,
+           grid.grid_connected AS grid_on,
+           grid.ts AS grid_ts,
+           -- The last moment the grid was back and stayed back for the confirmation period:
+           -- everything before it is cleared; a shorter return (a flap) clears nothing.
+           coalesce(confirmed.ts, '-infinity'::timestamptz) AS confirmed_grid_ts,
+           -- The last re-arm point: grid back for the whole cooldown with SoC at the restart
+           -- level, or an abort that closed the episode. An episode starts after it.
+           greatest(coalesce(rearm.ts, '-infinity'::timestamptz),
+                    coalesce(closure.closed_at, '-infinity'::timestamptz)) AS rearm_ts
+      FROM pairs p
+      LEFT JOIN LATERAL (
+            SELECT m.ts, coalesce(m.soc_min_percent, m.soc_percent)::float8 AS soc,
+                   m.remain_time_min
+              FROM ecoflow_measurements m
+             WHERE m.device_sn = p.device_sn AND m.ts <= %(now)s
+             ORDER BY m.ts DESC LIMIT 1) latest ON true
+      LEFT JOIN LATERAL (
+            SELECT m.ts, m.grid_connected
+              FROM ecoflow_measurements m
+             WHERE m.device_sn = p.device_sn AND m.ts <= %(now)s
+               AND m.grid_connected IS NOT NULL
+             ORDER BY m.ts DESC LIMIT 1) grid ON true
+      -- "The grid held for a period from reading g": walk back from the latest candidate; when
+      -- the first loss b after g falls inside the period, no reading from b - period on can
+      -- qualify, so the walk jumps before it: a few index probes per grid flap instead of one
+      -- per reading.
+      LEFT JOIN LATERAL (
+            WITH RECURSIVE walk AS (
+                SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
+                               WHERE o.device_sn = p.device_sn AND NOT o.grid_connected
+                                 AND o.ts > c.ts
+                                 AND o.ts <= c.ts + make_interval(secs => %(confirm_sec)s)
+                               ORDER BY o.ts LIMIT 1) AS blocked_by
+                  FROM (SELECT g.ts FROM ecoflow_measurements g
+                         WHERE g.device_sn = p.device_sn AND g.grid_connected
+                           AND g.ts <= %(now)s - make_interval(secs => %(confirm_sec)s)
+                         ORDER BY g.ts DESC LIMIT 1) c
+                UNION ALL
+                SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
+                               WHERE o.device_sn = p.device_sn AND NOT o.grid_connected
+                                 AND o.ts > c.ts
+                                 AND o.ts <= c.ts + make_interval(secs => %(confirm_sec)s)
+                               ORDER BY o.ts LIMIT 1)
+                  FROM walk w
+                  CROSS JOIN LATERAL (
+                        SELECT g.ts FROM ecoflow_measurements g
+                         WHERE g.device_sn = p.device_sn AND g.grid_connected
+                           AND g.ts < w.blocked_by - make_interval(secs => %(confirm_sec)s)
+                         ORDER BY g.ts DESC LIMIT 1) c
+                 WHERE w.blocked_by IS NOT NULL
+            )
+            SELECT ts FROM walk WHERE blocked_by IS NULL) confirmed ON true
+      LEFT JOIN LATERAL (
+            WITH RECURSIVE walk AS (
+                SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
+                               WHERE o.device_sn = p.device_sn AND NOT o.grid_connected
+                                 AND o.ts > c.ts
+                                 AND o.ts <= c.ts + make_interval(secs => %(cooldown_sec)s)
+                               ORDER BY o.ts LIMIT 1) AS blocked_by
+                  FROM (SELECT g.ts FROM ecoflow_measurements g
+                         WHERE g.device_sn = p.device_sn AND g.grid_connected
+                           AND coalesce(g.soc_min_percent, g.soc_percent) >= %(rearm_soc)s
+                           AND g.ts <= %(now)s - make_interval(secs => %(cooldown_sec)s)
+                         ORDER BY g.ts DESC LIMIT 1) c
+                UNION ALL
+                SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
+                               WHERE o.device_sn = p.device_sn AND NOT o.grid_connected
+                                 AND o.ts > c.ts
+                                 AND o.ts <= c.ts + make_interval(secs => %(cooldown_sec)s)
+                               ORDER BY o.ts LIMIT 1)
+                  FROM walk w
+                  CROSS JOIN LATERAL (
+                        SELECT g.ts FROM ecoflow_measurements g
+                         WHERE g.device_sn = p.device_sn AND g.grid_connected
+                           AND coalesce(g.soc_min_percent, g.soc_percent) >= %(rearm_soc)s
+                           AND g.ts < w.blocked_by - make_interval(secs => %(cooldown_sec)s)
+                         ORDER BY g.ts DESC LIMIT 1) c
+                 WHERE w.blocked_by IS NOT NULL
+            )
+            SELECT ts FROM walk WHERE blocked_by IS NULL) rearm ON true
+      LEFT JOIN LATERAL (
+            SELECT max(c.closed_at) AS closed_at
+              FROM episode_closures c
+             WHERE c.device_sn = p.device_sn AND c.closed_at <= %(now)s) closure ON true
+), marks AS (
+    SELECT s.*,
+           (SELECT min(m.ts) FROM ecoflow_measurements m
+             WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
+               AND m.ts > s.rearm_ts AND m.ts <= %(now)s)              AS episode_start,
+           (SELECT min(m.ts) FROM ecoflow_measurements m
+             WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
+               AND m.ts > s.confirmed_grid_ts AND m.ts <= %(now)s)     AS on_battery_since,
+           -- Only losses after the last confirmed return matter, which keeps this scan short
+           -- after a week on grid.
+           (SELECT max(m.ts) FROM ecoflow_measurements m
+             WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
+               AND m.ts > s.confirmed_grid_ts AND m.ts <= %(now)s)     AS last_off_grid_ts,
+           -- Discharge rate in percent per minute over the recent on-battery readings.
+           (SELECT CASE WHEN regr_count(coalesce(m.soc_min_percent, m.soc_percent),
+                                        extract(epoch FROM m.ts)) >= 3
+                        THEN -60 * regr_slope(coalesce(m.soc_min_percent, m.soc_percent),
+                                              extract(epoch FROM m.ts)) END
+              FROM ecoflow_measurements m
+             WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
+               AND m.ts > greatest(s.confirmed_grid_ts,
+                                   %(now)s - make_interval(secs => %(slope_window_sec)s))
+               AND m.ts <= %(now)s)                                   AS discharge_pct_per_min
+      FROM station s
+), runtime AS (
+    SELECT k.*,
+           -- Since when the grid has been back: the first reading with it after the last loss,
+           -- or at least since the last confirmed return.
+           CASE WHEN k.grid_on THEN coalesce(
+               (SELECT min(m.ts) FROM ecoflow_measurements m
+                 WHERE m.device_sn = k.device_sn AND m.grid_connected
+                   AND m.ts > k.last_off_grid_ts AND m.ts <= %(now)s),
+               CASE WHEN k.last_off_grid_ts IS NULL
+                    THEN nullif(k.confirmed_grid_ts, '-infinity') END)
+           END                                                        AS grid_back_since,
+           -- The device's estimate when it gives one, else SoC over the current discharge rate.
+           coalesce(k.remain_time_min::float8,
+                    CASE WHEN k.grid_on IS FALSE AND k.discharge_pct_per_min > 0
+                         THEN k.soc / k.discharge_pct_per_min END)    AS runtime_left_min
+      FROM marks k
+), conditions AS (
+    -- A condition starts at the first reading meeting it after the last reading that clears
+    -- it (threshold plus margin, or the grid confirmed back): hysteresis and debounce in one.
+    SELECT r.*,
+           (SELECT min(m.ts) FROM ecoflow_measurements m
+             WHERE m.device_sn = r.device_sn AND NOT m.grid_connected AND m.ts <= %(now)s
+               AND coalesce(m.soc_min_percent, m.soc_percent) <= r.soc_thr
+               AND m.ts > greatest(r.confirmed_grid_ts, coalesce(
+                     (SELECT max(c.ts) FROM ecoflow_measurements c
+                       WHERE c.device_sn = r.device_sn AND c.ts <= %(now)s
+                         AND c.ts > r.confirmed_grid_ts
+                         AND coalesce(c.soc_min_percent, c.soc_percent)
+                             > r.soc_thr + %(soc_margin)s), '-infinity')))  AS soc_low_since,
+           CASE WHEN r.runtime_thr IS NOT NULL THEN
+           (SELECT min(m.ts) FROM ecoflow_measurements m
+             WHERE m.device_sn = r.device_sn AND NOT m.grid_connected AND m.ts <= %(now)s
+               AND coalesce(m.remain_time_min::float8,
+                            coalesce(m.soc_min_percent, m.soc_percent)
+                              / nullif(greatest(r.discharge_pct_per_min, 0), 0)) <= r.runtime_thr
+               AND m.ts > greatest(r.confirmed_grid_ts, coalesce(
+                     (SELECT max(c.ts) FROM ecoflow_measurements c
+                       WHERE c.device_sn = r.device_sn AND c.ts <= %(now)s
+                         AND c.ts > r.confirmed_grid_ts
+                         AND coalesce(c.remain_time_min::float8,
+                                      coalesce(c.soc_min_percent, c.soc_percent)
+                                        / nullif(greatest(r.discharge_pct_per_min, 0), 0))
+                             > r.runtime_thr + %(runtime_margin)s), '-infinity')))
+           END                                                        AS runtime_low_since
+      FROM runtime r
+), fired AS (
+    SELECT c.*,
+           CASE WHEN c.last_ts IS NULL THEN 'unknown'
+                WHEN %(now)s - c.last_ts > make_interval(secs => c.dead_after_sec) THEN 'dead'
+                WHEN %(now)s - c.last_ts > make_interval(secs => c.stale_after_sec) THEN 'stale'
+                ELSE 'fresh' END                                      AS freshness,
+           c.grid_on IS FALSE                                         AS on_battery,
+           c.soc_low_since + make_interval(secs => %(debounce_sec)s)      AS soc_fires_at,
+           c.runtime_low_since + make_interval(secs => %(debounce_sec)s)  AS runtime_fires_at,
+           c.on_battery_since + make_interval(secs => c.battery_limit_sec) AS battery_time_fires_at,
+           c.last_ts + make_interval(secs => c.dead_after_sec)           AS dead_fires_at
+      FROM conditions c
+), decided AS (
+    -- Triggers are evaluated only while on battery (a dead station counts as on battery when it
+    -- was last seen so); the one that fired first wins and names the reason.
+    SELECT f.*,
+           (SELECT t.name FROM (VALUES
+                   ('soc', f.soc_fires_at),
+                   ('runtime', f.runtime_fires_at),
+                   ('battery_time', f.battery_time_fires_at),
+                   ('dead_on_battery', CASE WHEN f.freshness = 'dead' THEN f.dead_fires_at END)
+               ) AS t(name, at)
+             WHERE f.on_battery AND t.at <= %(now)s
+             ORDER BY t.at, t.name LIMIT 1)                           AS trigger
+      FROM fired f
+)
+SELECT agent_id, tier, min_supplies, shutdown_delay_sec, device_sn, device_name,
+       freshness, on_battery, grid_on,
+       last_ts, extract(epoch FROM %(now)s - last_ts)::float8        AS age_sec,
+       soc, soc_thr, remain_time_min, runtime_left_min, runtime_thr, discharge_pct_per_min,
+       on_battery_since, grid_back_since, battery_limit_sec,
+       soc_low_since, runtime_low_since,
+       soc_fires_at, runtime_fires_at, battery_time_fires_at, dead_fires_at,
+       trigger,
+       CASE WHEN episode_start IS NOT NULL
+            THEN device_sn || '-' || floor(extract(epoch FROM episode_start))::bigint END
+                                                                      AS episode_id,
+       episode_start,
+       freshness IN ('fresh', 'stale') AND trigger IS NULL           AS healthy,
+       -- Power is back for this supply once the grid has held for the confirmation period.
+       freshness IN ('fresh', 'stale') AND grid_on IS TRUE
+           AND grid_back_since <= %(now)s - make_interval(secs => %(confirm_sec)s) AS power_back
+  FROM decided
+ ORDER BY agent_id, device_sn;

@@ -1,0 +1,500 @@
+"""The policy worker: evaluates the rules, sends and re-sends commands, stores acks and status,
+and writes every change to policy_events."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from policy.commands import Command, clean_reason
+from policy.mqttlink import Incoming, MqttLink
+from policy.rules import AgentView, agent_views, supply_rows, trigger_reason
+from policy.settings import PolicySettings
+
+log = logging.getLogger("ecoflow.policy")
+
+READINGS_CHANNEL = "ecoflow_readings"
+ACK_STATUSES = ("received", "scheduled", "executing", "aborted", "rejected", "expired", "dry_run")
+# A later ack never moves a command back (a late "received" after "executing").
+_ACK_RANK = {"pending": 0, "sent": 0, "received": 1, "scheduled": 2, "dry_run": 3,
+             "executing": 3, "aborted": 4, "rejected": 4, "expired": 4}
+
+INSERT_EVENT = """
+INSERT INTO policy_events (ts, kind, device_sn, agent_id, episode_id, command_id, trigger,
+                           message, details)
+VALUES (%(ts)s, %(kind)s, %(device_sn)s, %(agent_id)s, %(episode_id)s, %(command_id)s,
+        %(trigger)s, %(message)s, %(details)s)
+"""
+
+INSERT_COMMAND = """
+INSERT INTO commands (id, agent_id, action, episode_id, cancels_id, reason, delay_sec, ttl_sec,
+                      issued_at, expires_at, payload)
+VALUES (%(id)s, %(agent)s, %(action)s, nullif(%(episode_id)s, ''), %(cancels_id)s, %(reason)s,
+        %(delay_sec)s, %(ttl_sec)s, %(now)s, %(now)s + make_interval(secs => %(ttl_sec)s),
+        %(payload)s)
+ON CONFLICT DO NOTHING
+RETURNING id
+"""
+
+SHUTDOWN_IN_EPISODES = """
+SELECT id, episode_id, status, delay_sec, coalesce(first_sent_at, issued_at) AS sent_at,
+       EXISTS (SELECT 1 FROM commands a WHERE a.action = 'abort' AND a.cancels_id = c.id)
+           AS aborted
+  FROM commands c
+ WHERE agent_id = %(agent)s AND action = 'shutdown' AND episode_id = ANY(%(episodes)s)
+ ORDER BY issued_at DESC
+"""
+
+DUE_FOR_SENDING = """
+SELECT id, agent_id, action, episode_id, payload, expires_at, send_count
+  FROM commands
+ WHERE status IN ('pending', 'sent') AND ack_status IS NULL
+   AND expires_at > %(now)s
+   AND (last_sent_at IS NULL OR last_sent_at <= %(now)s - make_interval(secs => %(resend_sec)s))
+ ORDER BY issued_at
+"""
+
+MARK_SENT = """
+UPDATE commands
+   SET status = 'sent', send_count = send_count + 1,
+       first_sent_at = coalesce(first_sent_at, %(now)s), last_sent_at = %(now)s
+ WHERE id = %(id)s AND status IN ('pending', 'sent')
+"""
+
+EXPIRE_UNACKED = """
+UPDATE commands SET status = 'expired'
+ WHERE status IN ('pending', 'sent') AND ack_status IS NULL AND expires_at <= %(now)s
+RETURNING id, agent_id, action, episode_id, send_count
+"""
+
+RECORD_ACK = """
+INSERT INTO command_acks (command_id, agent_id, status, host, agent_ts, received_at, detail,
+                          payload)
+VALUES (%(id)s, %(agent)s, %(status)s, %(host)s, to_timestamp(%(ts)s), %(now)s, %(detail)s,
+        %(payload)s)
+"""
+
+APPLY_ACK = """
+UPDATE commands
+   SET status = CASE WHEN %(rank)s >= %(current_rank)s THEN %(status)s ELSE status END,
+       acked_at = coalesce(acked_at, %(now)s),
+       ack_status = %(status)s, ack_host = %(host)s, ack_detail = %(detail)s
+ WHERE id = %(id)s
+"""
+
+UPSERT_STATUS = """
+INSERT INTO agent_status AS s (agent_id, online, last_seen, changed_at, version, platform, host,
+                               payload)
+VALUES (%(agent)s, %(online)s, %(now)s, %(now)s, %(version)s, %(platform)s, %(host)s,
+        %(payload)s)
+ON CONFLICT (agent_id) DO UPDATE SET
+    online = EXCLUDED.online, last_seen = EXCLUDED.last_seen,
+    changed_at = CASE WHEN s.online IS DISTINCT FROM EXCLUDED.online
+                      THEN EXCLUDED.changed_at ELSE s.changed_at END,
+    version = coalesce(EXCLUDED.version, s.version),
+    platform = coalesce(EXCLUDED.platform, s.platform),
+    host = coalesce(EXCLUDED.host, s.host), payload = EXCLUDED.payload
+RETURNING (SELECT online FROM agent_status WHERE agent_id = %(agent)s) AS was_online
+"""
+
+
+class Worker:
+    """One evaluation at a time over an autocommit connection; `step(now)` is the whole cycle,
+    so tests and replay drive it with their own clock."""
+
+    def __init__(self, conn: psycopg.Connection, settings: PolicySettings,
+                 link: MqttLink | None = None, notifier=None):
+        self.conn = conn
+        self.settings = settings
+        self.link = link
+        self.notifier = notifier
+        self._key = settings.signing_key.get_secret_value() if settings.signing_key else None
+        self.params = settings.rule_params()
+
+    # -- the cycle ------------------------------------------------------------------------
+    def db_now(self) -> datetime:
+        return self.conn.execute("SELECT now()").fetchone()[0]
+
+    def step(self, now: datetime | None = None) -> list[AgentView]:
+        now = now or self.db_now()
+        self.handle_incoming(now)
+        views = agent_views(supply_rows(self.conn, now, self.params))
+        self.track_conditions(views, now)
+        for view in views:
+            self.decide(view, now)
+        self.deliver(now)
+        return views
+
+    def decide(self, view: AgentView, now: datetime) -> None:
+        episodes = sorted(view.episode_ids)
+        shutdowns = self.conn.execute(
+            SHUTDOWN_IN_EPISODES, {"agent": view.agent_id, "episodes": episodes}
+        ).fetchall() if episodes else []
+        if view.shutdown_due and not shutdowns:
+            self.send_shutdown(view, now)
+            return
+        if not (view.power_back and shutdowns):
+            return
+        cmd_id, episode_id, status, delay_sec, sent_at, aborted = shutdowns[0]
+        if aborted or status in ("rejected", "expired", "aborted"):
+            return
+        commit_point = sent_at + timedelta(seconds=delay_sec)
+        # An agent that says it is executing has passed its own commit point, whatever our
+        # clock says; it would refuse the abort.
+        if now < commit_point and status != "executing":
+            self.send_abort(view, cmd_id, episode_id, now)
+        elif not self._event_exists("power_returned_after_commit", cmd_id):
+            # S11: too late to cancel; record it so the operator knows the host went down
+            # although the grid came back.
+            self.event(now, "power_returned_after_commit", agent_id=view.agent_id,
+                       episode_id=episode_id, command_id=cmd_id,
+                       message=f"power back after the commit point ({commit_point:%H:%M:%S})")
+            self.alert(now, f"power-after-commit:{cmd_id}", "power",
+                       f"{view.agent_id}: power returned after its shutdown was committed")
+
+    # -- commands -------------------------------------------------------------------------
+    def send_shutdown(self, view: AgentView, now: datetime) -> str | None:
+        first = view.fired[0]
+        episode = first["episode_id"] or (
+            f"{first['device_sn']}-{int(first['on_battery_since'].timestamp())}")
+        delay = (view.shutdown_delay_sec if view.shutdown_delay_sec is not None
+                 else self.settings.shutdown_delay_sec)
+        reason = trigger_reason(first)
+        if view.needed > 1 or len(view.supplies) > 1:
+            reason += f"; healthy supplies {view.healthy} < {view.needed}"
+        cmd = Command(view.agent_id, "shutdown", delay, self.settings.command_ttl_sec,
+                      int(now.timestamp()), episode, "", reason)
+        with self.conn.transaction():
+            if not self.create_command(cmd, now):
+                return None  # another worker (or an earlier run) already has this episode
+            self.event(now, "trigger_fired", device_sn=first["device_sn"],
+                       agent_id=view.agent_id, episode_id=episode, command_id=cmd.id,
+                       trigger=first["trigger"], message=cmd.reason,
+                       details=_trigger_values(first, view))
+        log.warning("shutdown %s: %s", view.agent_id, cmd.reason)
+        self.alert(now, f"shutdown:{cmd.id}", "shutdown",
+                   f"Shutting down {view.agent_id} in {delay} s: {cmd.reason}")
+        return cmd.id
+
+    def send_abort(self, view: AgentView, cancels: UUID, episode_id: str, now: datetime) -> str:
+        cmd = Command(view.agent_id, "abort", 0, self.settings.command_ttl_sec,
+                      int(now.timestamp()), episode_id, str(cancels),
+                      f"power back for {self.settings.confirm_sec} s")
+        with self.conn.transaction():
+            self.create_command(cmd, now, cancels_id=cancels)
+            # The abort ends the episodes: if the grid fails again the host is protected anew.
+            for supply in view.supplies:
+                if supply["episode_id"]:
+                    self.conn.execute(
+                        "INSERT INTO episode_closures (episode_id, device_sn, closed_at, reason)"
+                        " VALUES (%s, %s, %s, 'aborted') ON CONFLICT DO NOTHING",
+                        (supply["episode_id"], supply["device_sn"], now))
+            self.event(now, "command_aborted", agent_id=view.agent_id, episode_id=episode_id,
+                       command_id=cmd.id, message=f"abort of {cancels}: {cmd.reason}",
+                       details={"cancels": str(cancels)})
+        log.warning("abort %s: shutdown %s cancelled, %s", view.agent_id, cancels, cmd.reason)
+        self.alert(now, f"abort:{cmd.id}", "abort",
+                   f"Shutdown of {view.agent_id} cancelled: {cmd.reason}")
+        return cmd.id
+
+    def fire_test(self, agent_id: str, now: datetime | None = None) -> str:
+        """S12: a `test` command through the whole path; the agent acks without acting."""
+        now = now or self.db_now()
+        cmd = Command(agent_id, "test", 0, self.settings.command_ttl_sec, int(now.timestamp()),
+                      f"test-{int(now.timestamp())}", "", "fire-test requested by operator")
+        with self.conn.transaction():
+            self.create_command(cmd, now)
+            self.event(now, "test_fired", agent_id=agent_id, episode_id=cmd.episode_id,
+                       command_id=cmd.id, message=cmd.reason)
+        self.deliver(now)
+        return cmd.id
+
+    def create_command(self, cmd: Command, now: datetime, cancels_id: UUID | None = None) -> bool:
+        row = self.conn.execute(INSERT_COMMAND, {
+            "id": cmd.id, "agent": cmd.agent, "action": cmd.action, "episode_id": cmd.episode_id,
+            "cancels_id": cancels_id, "reason": cmd.reason, "delay_sec": cmd.delay_sec,
+            "ttl_sec": cmd.ttl_sec, "now": now, "payload": Jsonb(cmd.payload(self._key)),
+        }).fetchone()
+        return row is not None
+
+    def deliver(self, now: datetime) -> None:
+        """Send what is new, re-send what is unacknowledged, expire what is too old (D3, D5)."""
+        if self.link is not None:
+            due = self.conn.execute(
+                DUE_FOR_SENDING, {"now": now, "resend_sec": self.settings.resend_sec}
+            ).fetchall()
+            for cmd_id, agent, action, episode, payload, expires_at, send_count in due:
+                remaining = math.ceil((expires_at - now).total_seconds())
+                if not self.link.publish_command(agent, payload, remaining):
+                    log.warning("command %s to %s not handed to the broker; will retry",
+                                cmd_id, agent)
+                    continue
+                self.conn.execute(MARK_SENT, {"id": cmd_id, "now": now})
+                self.event(now, "command_resent" if send_count else "command_sent",
+                           agent_id=agent, episode_id=episode, command_id=cmd_id,
+                           message=f"{action} to {agent} (send {send_count + 1})",
+                           details={"action": action, "expiry_sec": remaining})
+        for cmd_id, agent, action, episode, send_count in self.conn.execute(
+            EXPIRE_UNACKED, {"now": now}
+        ).fetchall():
+            self.event(now, "command_expired", agent_id=agent, episode_id=episode,
+                       command_id=cmd_id,
+                       message=f"{action} to {agent} expired without an ack after "
+                               f"{send_count} sends")
+            self.alert(now, f"expired:{cmd_id}", "agent",
+                       f"{action} for {agent} was never acknowledged (expired)")
+
+    # -- acks and status ------------------------------------------------------------------
+    def handle_incoming(self, now: datetime) -> None:
+        if self.link is None:
+            return
+        while True:
+            try:
+                msg = self.link.inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg.kind == "ack":
+                self.record_ack(msg, now)
+            else:
+                self.record_status(msg, now)
+
+    def record_ack(self, msg: Incoming, now: datetime) -> None:
+        ack = msg.payload or {}
+        status = ack.get("status")
+        try:
+            cmd_id = UUID(str(ack.get("id")))
+        except ValueError:
+            cmd_id = None
+        if cmd_id is None or status not in ACK_STATUSES:
+            self.event(now, "ack_invalid", agent_id=msg.agent,
+                       message=clean_reason(msg.raw.decode("utf-8", "replace")))
+            return
+        row = self.conn.execute(
+            "SELECT status, action, episode_id FROM commands WHERE id = %s AND agent_id = %s",
+            (cmd_id, msg.agent)).fetchone()
+        agent_ts = ack.get("ts") if isinstance(ack.get("ts"), (int, float)) else None
+        detail = str(ack.get("detail") or "")[:500]
+        host = str(ack.get("host") or "")[:255] or None
+        with self.conn.transaction():
+            self.conn.execute(RECORD_ACK, {
+                "id": cmd_id, "agent": msg.agent, "status": status, "host": host,
+                "ts": agent_ts, "now": now, "detail": detail, "payload": Jsonb(ack)})
+            if row is None:
+                self.event(now, "ack_unknown_command", agent_id=msg.agent, command_id=cmd_id,
+                           message=f"ack {status} for a command this agent was never sent")
+                return
+            current, action, episode = row
+            self.conn.execute(APPLY_ACK, {
+                "id": cmd_id, "status": status, "rank": _ACK_RANK[status],
+                "current_rank": _ACK_RANK.get(current, 0), "host": host, "detail": detail,
+                "now": now})
+            kind = "command_rejected" if status == "rejected" else "command_acked"
+            self.event(now, kind, agent_id=msg.agent, episode_id=episode, command_id=cmd_id,
+                       message=f"{action} {status}" + (f": {detail}" if detail else ""),
+                       details={"status": status, "host": host, "detail": detail})
+        if status == "rejected":
+            self.alert(now, f"rejected:{cmd_id}", "agent",
+                       f"{msg.agent} rejected {action}: {detail or 'no detail'}")
+
+    def record_status(self, msg: Incoming, now: datetime) -> None:
+        status = msg.payload or {}
+        state = str(status.get("state", "")).lower()
+        if state not in ("online", "offline"):
+            return
+        was_online = self.conn.execute(UPSERT_STATUS, {
+            "agent": msg.agent, "online": state == "online", "now": now,
+            "version": status.get("version"), "platform": status.get("platform"),
+            "host": status.get("host"), "payload": Jsonb(status)}).fetchone()[0]
+        if was_online is None or was_online != (state == "online"):
+            self.event(now, f"agent_{state}", agent_id=msg.agent,
+                       message=f"{msg.agent} is {state}", details=status)
+
+    # -- audit ----------------------------------------------------------------------------
+    def track_conditions(self, views: list[AgentView], now: datetime) -> None:
+        """Record each condition once when it starts and once when it clears (S5, S6)."""
+        current: dict[tuple[str, str], dict] = {}
+
+        def hold(subject, condition, since, identity="", device_sn=None, agent_id=None,
+                 **details):
+            current[(subject, condition)] = {
+                "since": since or now, "identity": identity, "device_sn": device_sn,
+                "agent_id": agent_id, "details": details}
+
+        offline = {a for (a,) in self.conn.execute(
+            "SELECT agent_id FROM agent_status WHERE NOT online").fetchall()}
+        for view in views:
+            for s in view.supplies:
+                sn, dev = s["device_sn"], f"device:{s['device_sn']}"
+                if s["on_battery"] and s["on_battery_since"]:
+                    hold(dev, "on_battery", s["on_battery_since"],
+                         str(s["on_battery_since"]), sn, soc=s["soc"])
+                if s["episode_id"]:
+                    hold(dev, "episode", s["episode_start"], s["episode_id"], sn,
+                         episode_id=s["episode_id"])
+                if s["freshness"] in ("stale", "dead"):
+                    hold(dev, s["freshness"], None, "", sn, last_ts=str(s["last_ts"]),
+                         on_battery=s["on_battery"])
+                pair = f"agent:{view.agent_id}:{sn}"
+                for name in ("soc_low", "runtime_low"):
+                    if s[f"{name}_since"]:
+                        hold(pair, name, s[f"{name}_since"], str(s[f"{name}_since"]), sn,
+                             view.agent_id, soc=s["soc"], threshold=s["soc_thr"],
+                             runtime_left_min=s["runtime_left_min"])
+                if s["trigger"]:
+                    hold(pair, "trigger", None, s["trigger"], sn, view.agent_id,
+                         trigger=s["trigger"])
+                if (self.settings.alert_low_soc_on_grid and s["grid_on"]
+                        and s["soc"] is not None and s["soc"] <= s["soc_thr"]):
+                    hold(pair, "low_soc_on_grid", None, "", sn, view.agent_id, soc=s["soc"])
+            if view.in_episode and view.agent_id in offline:
+                hold(f"agent:{view.agent_id}", "offline_in_episode", None, "",
+                     agent_id=view.agent_id, episodes=sorted(view.episode_ids))
+
+        stored = {(r[0], r[1]): r[2] for r in self.conn.execute(
+            "SELECT subject, condition, details->>'identity' FROM policy_conditions")}
+        with self.conn.transaction():
+            for key, identity in stored.items():
+                if key not in current or current[key]["identity"] != identity:
+                    self._clear(key, now)
+            for key, cond in current.items():
+                if key not in stored or stored[key] != cond["identity"]:
+                    self._start(key, cond, now)
+        for (subject, condition), cond in current.items():
+            self._alert_condition(subject, condition, cond, now)
+
+    def _start(self, key, cond, now) -> None:
+        subject, condition = key
+        details = dict(cond["details"], identity=cond["identity"])
+        self.conn.execute(
+            "INSERT INTO policy_conditions (subject, condition, since, device_sn, agent_id,"
+            " details, updated_at) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+            " ON CONFLICT (subject, condition) DO UPDATE SET since = EXCLUDED.since,"
+            " details = EXCLUDED.details, updated_at = EXCLUDED.updated_at",
+            (subject, condition, cond["since"], cond["device_sn"], cond["agent_id"],
+             Jsonb(_jsonable(details)), now))
+        self.event(now, "condition_started", device_sn=cond["device_sn"],
+                   agent_id=cond["agent_id"], trigger=condition,
+                   episode_id=cond["details"].get("episode_id"),
+                   message=f"{condition} on {subject} since {cond['since']:%Y-%m-%d %H:%M:%S%z}",
+                   details=dict(details, since=str(cond["since"])))
+
+    def _clear(self, key, now) -> None:
+        subject, condition = key
+        row = self.conn.execute(
+            "DELETE FROM policy_conditions WHERE subject = %s AND condition = %s"
+            " RETURNING device_sn, agent_id, since, details", key).fetchone()
+        if row is None:
+            return
+        device_sn, agent_id, since, details = row
+        self.event(now, "condition_cleared", device_sn=device_sn, agent_id=agent_id,
+                   trigger=condition, episode_id=details.get("episode_id"),
+                   message=f"{condition} on {subject} cleared (held since "
+                           f"{since:%Y-%m-%d %H:%M:%S%z})",
+                   details=dict(details, since=str(since)))
+
+    def _alert_condition(self, subject, condition, cond, now) -> None:
+        where = cond["device_sn"] or cond["agent_id"]
+        if condition == "on_battery":
+            self.alert(now, f"on_battery:{subject}:{cond['identity']}", "power",
+                       f"{where} is on battery (grid lost)")
+        elif condition in ("stale", "dead"):
+            self.alert(now, f"{condition}:{subject}", "station",
+                       f"station {where} is {condition}: no data since "
+                       f"{cond['details']['last_ts']}", repeat=condition == "dead")
+        elif condition == "offline_in_episode":
+            self.alert(now, f"offline:{subject}", "agent",
+                       f"agent {where} is offline during an outage", repeat=True)
+        elif condition == "low_soc_on_grid":
+            self.alert(now, f"low_soc_on_grid:{subject}", "station",
+                       f"{where}: low battery although the grid is present", repeat=True)
+
+    def alert(self, now: datetime, key: str, category: str, body: str,
+              repeat: bool = False) -> None:
+        """Hand a notification to the notifier, at most once per key, or once per repeat period
+        while `repeat` (S6); the schedule lives in policy_events so restarts keep it."""
+        if self.notifier is None or not self.notifier.wants(category):
+            return
+        last = self.conn.execute(
+            "SELECT max(ts) FROM policy_events WHERE kind = 'alert_sent'"
+            " AND details->>'key' = %s", (key,)).fetchone()[0]
+        if last is not None and not (
+            repeat and now - last >= timedelta(seconds=self.settings.notify_repeat_sec)
+        ):
+            return
+        self.notifier.send("EcoFlow power", body)
+        self.event(now, "alert_sent", message=body, details={"key": key, "category": category})
+
+    def event(self, ts: datetime, kind: str, *, device_sn=None, agent_id=None, episode_id=None,
+              command_id=None, trigger=None, message=None, details=None) -> None:
+        self.conn.execute(INSERT_EVENT, {
+            "ts": ts, "kind": kind, "device_sn": device_sn, "agent_id": agent_id,
+            "episode_id": episode_id, "command_id": command_id, "trigger": trigger,
+            "message": message, "details": Jsonb(_jsonable(details or {}))})
+
+    def _event_exists(self, kind: str, command_id) -> bool:
+        return self.conn.execute(
+            "SELECT EXISTS (SELECT 1 FROM policy_events WHERE kind = %s AND command_id = %s)",
+            (kind, command_id)).fetchone()[0]
+
+
+def _trigger_values(supply: dict, view: AgentView) -> dict:
+    keys = ("soc", "soc_thr", "remain_time_min", "runtime_left_min", "runtime_thr",
+            "discharge_pct_per_min", "on_battery_since", "soc_low_since", "runtime_low_since",
+            "battery_limit_sec", "freshness", "age_sec", "episode_id")
+    values = {k: supply[k] for k in keys}
+    values.update(healthy_supplies=view.healthy, needed_supplies=view.needed)
+    return _jsonable(values)
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value, default=str))
+
+
+def serve(db_url: str, settings: PolicySettings, link: MqttLink, notifier=None,
+          stop: threading.Event | None = None) -> None:
+    """Evaluate every POLICY_INTERVAL_SEC and at once when new readings are committed."""
+    stop = stop or threading.Event()
+    while not stop.is_set():
+        try:
+            with psycopg.connect(db_url, autocommit=True) as conn, \
+                    psycopg.connect(db_url, autocommit=True) as listener:
+                listener.execute(f"LISTEN {READINGS_CHANNEL}")
+                worker = Worker(conn, settings, link, notifier)
+                while not stop.is_set():
+                    worker.step()
+                    _wait_for_readings(listener, settings.interval_sec, stop)
+        except psycopg.OperationalError as exc:
+            log.error("database unavailable (%s); retrying in %.0f s", exc,
+                      settings.interval_sec)
+            stop.wait(settings.interval_sec)
+
+
+def _wait_for_readings(listener: psycopg.Connection, interval: float,
+                       stop: threading.Event) -> None:
+    """Return on the first notification of new readings, after `interval`, or on stop; waits
+    in short slices so a stop request is seen within a second."""
+    deadline = time.monotonic() + interval
+    while not stop.is_set():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        # The rest of a burst of notifications is read on the next wait and ends it at once,
+        # which costs one extra evaluation, never a missed one.
+        if any(True for _ in listener.notifies(timeout=min(left, 1.0), stop_after=1)):
+            return
+
+
+def rows_as_dicts(conn: psycopg.Connection, query: str, params=None) -> list[dict]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        return cur.fetchall()
