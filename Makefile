@@ -31,8 +31,9 @@ system-deps:
 test: $(STAMP) system-deps
 	REQUIRE_TIMESCALEDB=1 $(PY) -m pytest $(PYTEST_ARGS)
 
+# make demo FOLLOW=1 keeps everything running until Ctrl-C
 demo: $(STAMP) system-deps
-	@echo "make demo: not yet available (the demo lands with the collector, policy and agents)."
+	FOLLOW=$(FOLLOW) $(PY) -m demo
 
 bench: $(STAMP) system-deps
 	$(PY) -m bench.ingest $(BENCH_ARGS)

@@ -150,7 +150,7 @@ class Station:
 def default_stations(scenario: str = "outage") -> list[Station]:
     phases = SCENARIOS[scenario]
     return [
-        Station("R331ZEB4ZEA0012345", "deltamax", capacity_wh=2016, soc=85, scenario=phases),
+        Station("DAEBZ5ZE4000123", "deltamax", capacity_wh=2016, soc=85, scenario=phases),
         Station("R351ZFB4HF123456", "delta2", capacity_wh=1024, soc=90, scenario=phases),
         Station("R631ZEB4WH123456", "river3", capacity_wh=245, soc=95, scenario=phases),
     ]
