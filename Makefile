@@ -37,6 +37,7 @@ demo: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	$(PY) -m bench.ingest $(BENCH_ARGS)
+	$(PY) -m bench.dashboards
 	BENCH=1 $(PY) -m pytest tests/test_policy_bench.py -q -s -p no:cacheprovider
 
 proto: $(STAMP)

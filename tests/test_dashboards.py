@@ -19,11 +19,19 @@ import psycopg
 import pytest
 import yaml
 
+from testbed.dashboards import (
+    DASHBOARDS,
+    Query,
+    dashboard_files,
+    data_panels,
+    load,
+    panels,
+    queries,
+)
 from testbed.grafana_sql import auto_interval, expand
 from tests.services import READONLY_PASSWORD, READONLY_USER
 
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARDS = ROOT / "grafana" / "dashboards"
 DATASOURCES = ROOT / "grafana" / "provisioning" / "datasources" / "ecoflow.yaml"
 PROVIDERS = ROOT / "grafana" / "provisioning" / "dashboards" / "ecoflow.yaml"
 
@@ -45,58 +53,6 @@ RANGES = {"1h": timedelta(hours=1), "24h": timedelta(hours=24), "30d": timedelta
 
 NUMERIC_OIDS = {20, 21, 23, 700, 701, 1700}  # int8, int2, int4, float4, float8, numeric
 TIME_OIDS = {1082, 1114, 1184}  # date, timestamp, timestamptz
-
-
-def load(path: Path) -> dict:
-    return json.loads(path.read_text())
-
-
-def dashboard_files() -> list[Path]:
-    return sorted(DASHBOARDS.glob("*.json"))
-
-
-def panels(dashboard: dict):
-    for panel in dashboard["panels"]:
-        yield panel
-        yield from panel.get("panels", [])
-
-
-def data_panels(dashboard: dict):
-    return [p for p in panels(dashboard) if p["type"] != "row"]
-
-
-@dataclass
-class Query:
-    """One SQL string from a dashboard and what Grafana needs back from it."""
-
-    dashboard: str
-    where: str  # panel title, variable name or annotation name
-    kind: str  # "panel", "variable", "annotation"
-    sql: str
-    format: str
-    panel: dict | None = None
-
-    @property
-    def id(self) -> str:
-        return f"{self.dashboard}:{self.kind}:{self.where}"
-
-
-def queries() -> list[Query]:
-    found = []
-    for path in dashboard_files():
-        dash = load(path)
-        for var in dash["templating"]["list"]:
-            if var["type"] == "query":
-                found.append(Query(path.stem, var["name"], "variable", var["query"], "table"))
-        for anno in dash["annotations"]["list"]:
-            if "target" in anno:
-                found.append(Query(path.stem, anno["name"], "annotation",
-                                   anno["target"]["rawSql"], "table"))
-        for panel in data_panels(dash):
-            for target in panel["targets"]:
-                found.append(Query(path.stem, f"{panel['title']}/{target['refId']}", "panel",
-                                   target["rawSql"], target["format"], panel))
-    return found
 
 
 QUERIES = queries()

@@ -1,0 +1,115 @@
+"""Dashboard benchmark: a month of readings (3 stations, one every 5 s), then every panel's SQL
+over the whole month, as Grafana would send it; median and slowest time per query."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from datetime import timedelta
+
+import psycopg
+
+from bench.common import migrated_database, save, table
+from testbed.dashboards import DASHBOARDS, load, queries
+from testbed.grafana_sql import auto_interval, expand
+
+TARGET_MS = 300
+
+# Three stations, a reading every 5 s for `days` days; the grid drops for an hour every day
+# at 18:00, SoC follows, and a little solar around noon.
+GENERATE = """
+INSERT INTO ecoflow_measurements (ts, device_sn, soc_percent, soc_min_percent,
+    remain_time_min, watts_in_sum, watts_out_sum, ac_in_watts, ac_out_watts, pv_in_watts,
+    grid_connected, battery_temp_c, source, raw_data)
+SELECT ts, sn,
+       soc, soc - 1,
+       CASE WHEN outage THEN (soc * 6)::int END,
+       CASE WHEN outage THEN pv ELSE 250 + pv END,
+       200 + (extract(epoch FROM ts)::bigint %% 60)::int,
+       CASE WHEN outage THEN 0 ELSE 250 END,
+       200, pv, NOT outage, 25, 'simulator',
+       jsonb_build_object('bms_emsStatus.f32LcdShowSoc', soc, 'pd.wattsOutSum', 200)
+  FROM (SELECT ts, sn,
+               extract(hour FROM ts AT TIME ZONE 'UTC') = 18 AS outage,
+               CASE WHEN extract(hour FROM ts AT TIME ZONE 'UTC') = 18
+                    THEN 100 - extract(minute FROM ts AT TIME ZONE 'UTC') ELSE 100 END AS soc,
+               CASE WHEN extract(hour FROM ts AT TIME ZONE 'UTC') BETWEEN 10 AND 15
+                    THEN 300 ELSE 0 END AS pv
+          FROM generate_series(now() - make_interval(days => %(days)s), now(),
+                               interval '5 seconds') AS ts,
+               unnest(%(sns)s::text[]) AS sn) g
+"""
+SNS = ["DAEBZ5ZE4000123", "R351ZFB4HF123456", "R631ZEB4WH123456"]
+EXTRAS = """
+INSERT INTO devices (device_sn, name, model) VALUES
+    ('DAEBZ5ZE4000123', 'office', 'Delta Max'), ('R351ZFB4HF123456', 'rack', 'Delta 2 Max'),
+    ('R631ZEB4WH123456', 'desk', 'River 3');
+INSERT INTO policy_events (ts, kind, device_sn, message)
+SELECT ts, 'condition_started', 'R631ZEB4WH123456', 'on battery'
+  FROM generate_series(now() - interval '30 days', now(), interval '1 hour') ts;
+INSERT INTO agent_status (agent_id, online, version, platform, host)
+VALUES ('nas-01', true, '1.0.0', 'linux', 'nas');
+INSERT INTO ingest_errors (ts, source, topic, payload, error)
+SELECT ts, 'bridge', 'bridge-ecoflow/X/data', '\\x00ff'::bytea, 'not JSON'
+  FROM generate_series(now() - interval '30 days', now(), interval '6 hours') ts;
+"""
+
+
+def variable_values(conn, dashboard: str, start, end) -> dict:
+    """What Grafana selects by default: all values of a multi-value variable, else the first."""
+    values = {}
+    for var in load(DASHBOARDS / f"{dashboard}.json")["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        options = [r[0] for r in conn.execute(expand(var["query"], start, end)).fetchall()]
+        values[var["name"]] = options if var.get("multi") or var.get("includeAll") else options[0]
+    return values
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args(argv)
+    qs = queries()
+    with migrated_database("dashboards") as (pg, url), psycopg.connect(url, autocommit=True) as conn:
+        started = time.perf_counter()
+        conn.execute(GENERATE, {"days": args.days, "sns": SNS})
+        conn.execute(EXTRAS)
+        conn.execute("ANALYZE")
+        rows = conn.execute("SELECT count(*) FROM ecoflow_measurements").fetchone()[0]
+        print(f"generated {rows:,} readings in {time.perf_counter() - started:.0f} s")
+        end = conn.execute("SELECT now()").fetchone()[0]
+        start = end - timedelta(days=args.days)
+        results = []
+        for q in qs:
+            sql = expand(q.sql, start, end, interval=auto_interval(start, end),
+                         variables=variable_values(conn, q.dashboard, start, end),
+                         timescaledb=pg.timescaledb)
+            times = []
+            for _ in range(args.repeat):
+                t = time.perf_counter()
+                conn.execute(sql).fetchall()
+                times.append((time.perf_counter() - t) * 1000)
+            results.append((q.id, statistics.median(times)))
+    results.sort(key=lambda r: -r[1])
+    slowest = results[0]
+    over = [r for r in results if r[1] >= TARGET_MS]
+    print(f"\nDashboards: every query over {args.days} days of {rows:,} readings"
+          f" (median of {args.repeat})\n")
+    print(table([(qid, f"{ms:.1f}", "over target" if ms >= TARGET_MS else "")
+                 for qid, ms in results], ("query", "median ms", "")))
+    print(f"\nslowest: {slowest[0]} {slowest[1]:.0f} ms; {len(over)} of {len(results)} over"
+          f" the {TARGET_MS} ms target")
+    save("dashboards", {
+        "readings": rows, "days": args.days,
+        "median_ms": {qid: round(ms, 1) for qid, ms in results},
+        "slowest": {"query": slowest[0], "ms": round(slowest[1], 1)},
+        "over_target": [qid for qid, _ in over], "target_ms": TARGET_MS,
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
