@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .reading import finish, grid_from, number, out_watts, percent, remain_minutes, sum_all, watts
+from .reading import (
+    finish,
+    grid_from,
+    number,
+    out_watts,
+    pd_port_watts,
+    percent,
+    remain_minutes,
+    watts,
+)
 
 FAMILY = "delta_gen1"
 
@@ -39,12 +48,7 @@ def decode(fields: dict[str, Any], model: str | None) -> tuple[dict[str, Any], d
         "ac_out_watts": out_watts(f("inv.outputWatts")),
         # The scale of mppt.inWatts depends on the model: leave it unknown rather than guess.
         "pv_in_watts": watts(f("mppt.inWatts"), pv_scale) if pv_scale else None,
-        "usb_out_watts": sum_all(
-            [out_watts(f(k)) for k in ("pd.usb1Watts", "pd.usb2Watts", "pd.qcUsb1Watts",
-                                       "pd.qcUsb2Watts")]
-        ),
-        "typec_out_watts": sum_all([out_watts(f(k)) for k in ("pd.typec1Watts", "pd.typec2Watts")]),
-        "dc_out_watts": out_watts(f("pd.carWatts")),
+        **pd_port_watts(f),
         "grid_connected": grid_from(None if volts is None else volts / 1000, ac_in),
         "battery_temp_c": number(f("bmsMaster.temp")),
     }

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from .reading import finish, grid_from, number, out_watts, percent, remain_minutes, sum_all, watts
+from .reading import (
+    finish,
+    grid_from,
+    number,
+    out_watts,
+    pd_port_watts,
+    percent,
+    remain_minutes,
+    sum_all,
+    watts,
+)
 
 FAMILY = "delta_gen2"
 
@@ -70,12 +80,7 @@ def decode(fields: dict[str, Any], model: str | None) -> tuple[dict[str, Any], d
         "ac_in_watts": ac_in,
         "ac_out_watts": out_watts(f("inv.outputWatts")),
         "pv_in_watts": pv,
-        "usb_out_watts": sum_all(
-            [out_watts(f(k)) for k in ("pd.usb1Watts", "pd.usb2Watts", "pd.qcUsb1Watts",
-                                       "pd.qcUsb2Watts")]
-        ),
-        "typec_out_watts": sum_all([out_watts(f(k)) for k in ("pd.typec1Watts", "pd.typec2Watts")]),
-        "dc_out_watts": out_watts(f("pd.carWatts")),
+        **pd_port_watts(f),
         "grid_connected": grid_from(None if volts is None else volts / 1000, ac_in),
         "battery_temp_c": number(f("bms_bmsStatus.temp")),
     }

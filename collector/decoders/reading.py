@@ -155,3 +155,15 @@ def finish(values: dict[str, Any], soc_modules: dict[str, float]) -> dict[str, A
     elif "soc_percent" in result:
         result["soc_min_percent"] = result["soc_percent"]
     return result
+
+
+def pd_port_watts(f) -> dict[str, int | None]:
+    """USB-A, USB-C and 12 V outputs from the gen-1 / gen-2 `pd.` keys (same names on both)."""
+    return {
+        "usb_out_watts": sum_all(
+            [out_watts(f(k)) for k in ("pd.usb1Watts", "pd.usb2Watts", "pd.qcUsb1Watts",
+                                       "pd.qcUsb2Watts")]
+        ),
+        "typec_out_watts": sum_all([out_watts(f(k)) for k in ("pd.typec1Watts", "pd.typec2Watts")]),
+        "dc_out_watts": out_watts(f("pd.carWatts")),
+    }
