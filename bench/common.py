@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import secrets
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,7 +25,8 @@ def migrated_database(name: str = "bench"):
 
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
-        upgrade(DatabaseSettings(DATABASE_URL=pg.url(name)))
+        upgrade(DatabaseSettings(DATABASE_URL=pg.url(name),
+                                 POSTGRES_READONLY_PASSWORD=secrets.token_urlsafe(12)))
         yield pg, pg.url(name)
 
 
