@@ -1,5 +1,6 @@
-"""`python -m collector` (or `ecoflow-collector`): run the collector, decode one payload, or
-run the station simulator."""
+"""`python -m collector` (or `ecoflow-collector`): run the collector, decode one payload, run
+the station simulator, check the EcoFlow credentials (`doctor`), or switch a station's AC output
+through the developer API (`control`, opt-in)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,17 @@ def main(argv: list[str] | None = None) -> int:
         return decode_main(argv[1:])
     if argv and argv[0] == "simulate":
         return simulate(argv[1:])
+    if argv and argv[0] == "doctor":
+        from collector.cloud.doctor import main as doctor_main
+
+        return doctor_main(argv[1:])
+    if argv and argv[0] == "control":
+        from collector.cloud.control import main as control_main
+
+        return control_main(argv[1:])
     if argv and argv[0] not in ("run",):
-        print("usage: python -m collector [run | decode [--topic T] FILE | simulate ...];"
+        print("usage: python -m collector [run | decode [--topic T] FILE | simulate ... | doctor"
+              " | control ...];"
               f" unknown {argv[0]!r}", file=sys.stderr)
         return 2
     from collector.service import Collector

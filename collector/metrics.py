@@ -44,6 +44,9 @@ class Metrics:
                           registry=r)
         self.online = Gauge("ecoflow_online", "Device reported within its freshness limit",
                             ["device"], registry=r)
+        self.cloud_online = Gauge("ecoflow_cloud_online",
+                                  "Online flag of EcoFlow's device list (developer API)",
+                                  ["device"], registry=r)
         self.device = {col: Gauge(name, doc, ["device"], registry=r)
                        for col, (name, doc) in DEVICE_GAUGES.items()}
         self._last_seen: dict[str, float] = {}

@@ -31,10 +31,13 @@ class Pipeline:
 
     def handle(self, payload: bytes, topic: str | None, source: str,
                on_commit: Callable[[], None] | None = None,
-               received_at: datetime | None = None) -> int:
-        """Decode one payload and queue what it produced; returns the number of rows queued."""
+               received_at: datetime | None = None, device_sn: str | None = None) -> int:
+        """Decode one payload and queue what it produced; returns the number of rows queued.
+
+        `device_sn` names the station when neither the topic nor the payload does (a REST
+        answer for one serial number)."""
         received_at = received_at or datetime.now(timezone.utc)
-        topic_sn = sn_from_topic(topic)
+        topic_sn = sn_from_topic(topic) or device_sn
         if self.metrics:
             self.metrics.received(source)
         try:
@@ -45,6 +48,9 @@ class Pipeline:
             log.exception("decoder failed on a payload from %s", topic or source)
             return self.dead_letter(source, topic, payload, f"decoder error: {exc!r}", topic_sn,
                                      on_commit)
+        if device_sn:
+            for reading in readings:
+                reading.device_sn = reading.device_sn or device_sn
         return self.handle_readings(readings, payload, topic, source, on_commit, received_at)
 
     def handle_readings(self, readings: list, payload: bytes, topic: str | None, source: str,

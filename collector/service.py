@@ -28,6 +28,9 @@ class Collector:
         register_secret(settings.mqtt_pass)
         register_secret(settings.nut_password)
         register_secret(db.postgres_password)
+        for secret in (settings.ecoflow_secret_key, settings.ecoflow_account_password,
+                       settings.ecoflow_access_key):
+            register_secret(secret)
         self.settings = settings
         self.db = db
         self.metrics = Metrics()
@@ -58,6 +61,10 @@ class Collector:
             self.sources.append(NutSource(self.pipeline, s.nut_host, s.nut_port, s.nut_ups,
                                           s.nut_poll_sec, s.nut_device_sn, s.nut_user,
                                           s.nut_password))
+        if "ecoflow" in s.source_list:
+            from collector.cloud.wiring import cloud_sources
+
+            self.sources += cloud_sources(s, self.db.libpq_url(), self.pipeline, self.metrics)
         for source in self.sources:
             source.start()
         self.metrics.serve(s.exporter_port)

@@ -42,6 +42,62 @@ class CollectorSettings(BaseSettings):
     nut_poll_sec: float = Field(default=5.0, gt=0, le=3600, validation_alias="NUT_POLL_SEC")
     nut_device_sn: str | None = Field(default=None, validation_alias="NUT_DEVICE_SN")
 
+    # EcoFlow cloud (COLLECTOR_SOURCES=ecoflow); the seeds' variable names.
+    ecoflow_access_key: str | None = Field(default=None, validation_alias="ECOFLOW_ACCESS_KEY")
+    ecoflow_secret_key: str | None = Field(default=None, validation_alias="ECOFLOW_SECRET_KEY")
+    ecoflow_account_user: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("ECOFLOW_ACCOUNT_USER", "ECOFLOW_USERNAME", "ECOFLOW_USER"),
+    )
+    ecoflow_account_password: str | None = Field(
+        default=None, validation_alias=AliasChoices("ECOFLOW_ACCOUNT_PASSWORD", "ECOFLOW_PASSWORD")
+    )
+    ecoflow_api_host: str | None = Field(default=None, validation_alias="ECOFLOW_API_HOST")
+    ecoflow_app_api_host: str | None = Field(default=None, validation_alias="ECOFLOW_APP_API_HOST")
+    ecoflow_device_sn: str | None = Field(default=None, validation_alias="ECOFLOW_DEVICE_SN")
+    ecoflow_device_list: str | None = Field(default=None, validation_alias="ECOFLOW_DEVICE_LIST")
+    ecoflow_sources: str = Field(default="auto", validation_alias="ECOFLOW_SOURCES")
+    collecting_interval: float = Field(default=30.0, ge=5, le=3600,
+                                       validation_alias="COLLECTING_INTERVAL")
+    ecoflow_tls_ca: str | None = Field(default=None, validation_alias="ECOFLOW_TLS_CA")
+    ecoflow_mqtt_client_id: str | None = Field(default=None,
+                                               validation_alias="ECOFLOW_MQTT_CLIENT_ID")
+    ecoflow_latest_quotas_sec: float = Field(default=300.0, ge=10, le=3600,
+                                             validation_alias="ECOFLOW_LATEST_QUOTAS_SEC")
+    ecoflow_allow_control: bool = Field(default=False, validation_alias="ECOFLOW_ALLOW_CONTROL")
+
+    @field_validator("ecoflow_sources")
+    @classmethod
+    def _cloud_sources(cls, value: str) -> str:
+        chosen = {s.strip() for s in value.split(",") if s.strip()} or {"auto"}
+        known = {"rest", "open_mqtt", "app_mqtt"}
+        if chosen == {"auto"}:
+            return "auto"
+        unknown = chosen - known
+        if unknown:
+            raise ValueError(f"unknown EcoFlow source(s) {sorted(unknown)}: give auto, or a "
+                             f"comma-separated choice of {sorted(known)}")
+        return ",".join(sorted(chosen))
+
+    @field_validator("ecoflow_tls_ca")
+    @classmethod
+    def _ca_exists(cls, value: str | None) -> str | None:
+        import os
+
+        if value and not os.path.isfile(value):
+            raise ValueError(f"no such file: {value} (a PEM file of CA certificates)")
+        return value or None
+
+    @property
+    def device_serials(self) -> list[str]:
+        """ECOFLOW_DEVICE_SN and ECOFLOW_DEVICE_LIST together, in order, without repeats."""
+        serials: list[str] = []
+        for text in (self.ecoflow_device_sn, self.ecoflow_device_list):
+            for sn in (text or "").replace(";", ",").split(","):
+                if sn.strip() and sn.strip() not in serials:
+                    serials.append(sn.strip())
+        return serials
+
     @field_validator("simulator_scenario")
     @classmethod
     def _scenario(cls, value: str) -> str:
@@ -54,7 +110,7 @@ class CollectorSettings(BaseSettings):
     @field_validator("sources")
     @classmethod
     def _known_sources(cls, value: str) -> str:
-        known = {"bridge", "simulator", "nut"}
+        known = {"bridge", "simulator", "nut", "ecoflow"}
         chosen = {s.strip() for s in value.split(",") if s.strip()}
         unknown = chosen - known
         if not chosen or unknown:
@@ -91,8 +147,22 @@ ENV_NAMES = {
     "nut_host": "NUT_HOST", "nut_port": "NUT_PORT", "nut_ups": "NUT_UPS", "nut_user": "NUT_USER",
     "nut_password": "NUT_PASSWORD", "nut_poll_sec": "NUT_POLL_SEC",
     "nut_device_sn": "NUT_DEVICE_SN",
+    "ecoflow_access_key": "ECOFLOW_ACCESS_KEY", "ecoflow_secret_key": "ECOFLOW_SECRET_KEY",
+    "ecoflow_account_user": "ECOFLOW_ACCOUNT_USER",
+    "ecoflow_account_password": "ECOFLOW_ACCOUNT_PASSWORD",
+    "ecoflow_api_host": "ECOFLOW_API_HOST", "ecoflow_app_api_host": "ECOFLOW_APP_API_HOST",
+    "ecoflow_device_sn": "ECOFLOW_DEVICE_SN", "ecoflow_device_list": "ECOFLOW_DEVICE_LIST",
+    "ecoflow_sources": "ECOFLOW_SOURCES", "collecting_interval": "COLLECTING_INTERVAL",
+    "ecoflow_tls_ca": "ECOFLOW_TLS_CA", "ecoflow_mqtt_client_id": "ECOFLOW_MQTT_CLIENT_ID",
+    "ecoflow_latest_quotas_sec": "ECOFLOW_LATEST_QUOTAS_SEC",
+    "ecoflow_allow_control": "ECOFLOW_ALLOW_CONTROL",
 }
 
 
 def collector_settings(**kw) -> CollectorSettings:
-    return load(CollectorSettings, ENV_NAMES, **kw)
+    settings = load(CollectorSettings, ENV_NAMES, **kw)
+    if "ecoflow" in settings.source_list:
+        from collector.cloud.plan import cloud_plan
+
+        cloud_plan(settings)  # credentials present and consistent, or a clear start-up error
+    return settings

@@ -67,14 +67,23 @@ class BridgeSource:
             log.warning("bridge source: disconnected (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, _userdata, msg: mqtt.MQTTMessage) -> None:
-        mid, qos, generation = msg.mid, msg.qos, self._generation
+        hand_over(self, client, msg, _label(msg, self.source_label))
 
-        def ack() -> None:
-            if qos > 0 and generation == self._generation and self.connected.is_set():
-                client.ack(mid, qos)
 
-        self.pipeline.handle(msg.payload, msg.topic, _label(msg, self.source_label),
-                             on_commit=ack)
+def hand_over(source, client: mqtt.Client, msg: mqtt.MQTTMessage, label: str) -> int:
+    """Give one message to `source.pipeline`, acking it once its rows are committed.
+
+    `source` has `pipeline`, `connected` (an Event) and `_generation` (bumped on every
+    connect): an ack from an earlier connection would hit another message, so it is dropped
+    and the broker redelivers the original.
+    """
+    mid, qos, generation = msg.mid, msg.qos, source._generation
+
+    def ack() -> None:
+        if qos > 0 and generation == source._generation and source.connected.is_set():
+            client.ack(mid, qos)
+
+    return source.pipeline.handle(msg.payload, msg.topic, label, on_commit=ack)
 
 
 def _label(msg: mqtt.MQTTMessage, default: str) -> str:
