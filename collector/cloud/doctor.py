@@ -79,7 +79,7 @@ def summary(raw: bytes, sn: str, source: str) -> str:
         if isinstance(value, bool):
             shown.append(f"{label} {'yes' if value else 'no'}")
         else:
-            shown.append(f"{label} {value:g}{(' ' + unit) if unit else ''}")
+            shown.append(f"{label} {round(value, 1):g}{(' ' + unit) if unit else ''}")
     filled = sum(v is not None for v in values.values())
     return f"{', '.join(shown) or 'no headline values'} ({filled} columns decoded)"
 

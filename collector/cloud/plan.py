@@ -70,6 +70,9 @@ def cloud_plan(s: CollectorSettings) -> CloudPlan:
     return CloudPlan(
         sources=tuple(sorted(sources)),
         open_host=s.ecoflow_api_host or DEFAULT_OPEN_HOST,
-        app_host=s.ecoflow_app_api_host or s.ecoflow_api_host or DEFAULT_APP_HOST,
+        # The earlier exporters used ECOFLOW_API_HOST for the app login too: honour that when
+        # the app login is the only credential.
+        app_host=s.ecoflow_app_api_host or (s.ecoflow_api_host if not developer else None)
+        or DEFAULT_APP_HOST,
         serials=serials,
     )

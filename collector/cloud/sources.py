@@ -92,6 +92,17 @@ class DeviceDirectory:
             self.fetched_at = time.monotonic()
         return self.devices
 
+    def set_online(self, sn: str, online: bool) -> None:
+        with self._lock:
+            device = self.devices.get(sn)
+            if device is None:
+                return
+            if device.get("online") is not None and device["online"] != online:
+                log.info("EcoFlow reports %s %s", sn, "online" if online else "offline")
+            device["online"] = online
+        if self.metrics:
+            self.metrics.cloud_online.labels(sn).set(1 if online else 0)
+
     def refresh_if_older(self, max_age: float) -> None:
         if self.fetched_at is None or time.monotonic() - self.fetched_at > max_age:
             self.refresh()
@@ -349,6 +360,29 @@ class OpenMqttSource(CloudMqttSource):
                     for sn in directory.serials() for kind in ("quota", "status")]
 
         super().__init__(pipeline, "open_mqtt", api.certification, client_id, topics, ca_file)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        if not msg.topic.endswith("/status"):
+            return super()._on_message(client, userdata, msg)
+        # A liveness notice, not a reading: it updates the online flag, and stores no row.
+        sn = msg.topic.split("/")[3]
+        online = _status_online(msg.payload)
+        if online is not None:
+            self.directory.set_online(sn, online)
+        else:
+            log.warning("open_mqtt: status message for %s without a status flag (%d bytes)", sn,
+                        len(msg.payload))
+        if msg.qos > 0:
+            client.ack(msg.mid, msg.qos)
+
+
+def _status_online(payload: bytes) -> bool | None:
+    try:
+        params = json.loads(payload).get("params") or {}
+        status = params.get("status")
+    except (ValueError, AttributeError):
+        return None
+    return None if status is None else str(status) == "1"
 
 
 class AppMqttSource(CloudMqttSource):
