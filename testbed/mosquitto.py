@@ -35,7 +35,10 @@ def find_mosquitto() -> str:
 @dataclass
 class MosquittoServer:
     """One broker. `users` (name -> password) turns on authentication and the ACL file;
-    `tls` adds a TLS listener with a freshly generated CA."""
+    `tls` adds a TLS listener with a freshly generated CA.
+
+    A restart (`halt()` then `start()`) keeps the ports and the CA, and rewrites the password
+    file from `users`: change a password in `users` and restart to rotate it."""
 
     users: dict[str, str] | None = None
     acl_file: Path | None = None
@@ -69,6 +72,8 @@ class MosquittoServer:
         ]
         if self.users is not None:
             pwfile = self.base / "passwd"
+            # Written anew on every start: a user removed from `users` loses access.
+            pwfile.unlink(missing_ok=True)
             pwfile.touch(mode=0o600)
             passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
             for name, password in self.users.items():
@@ -82,7 +87,9 @@ class MosquittoServer:
         if self.tls:
             from testbed.tls import make_ca_and_server_cert
 
-            self.tls_files = make_ca_and_server_cert(self.base / "tls")
+            # Generated once: clients that trust the CA keep trusting it across restarts.
+            if self.tls_files is None:
+                self.tls_files = make_ca_and_server_cert(self.base / "tls")
             lines += [
                 f"listener {self.tls_port} {self.host}",
                 f"cafile {self.tls_files.ca_cert}",
