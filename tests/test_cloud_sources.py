@@ -439,3 +439,23 @@ def test_doctor_names_missing_credentials():
     done = _doctor({})
     assert done.returncode == 2
     assert "ECOFLOW_ACCESS_KEY" in done.stdout and "ECOFLOW_ACCOUNT_USER" in done.stdout
+
+
+def test_the_seed_spellings_of_the_app_login_are_accepted(cloud, monkeypatch):
+    monkeypatch.setenv("ECOFLOW_USERNAME", cloud.email)
+    monkeypatch.setenv("ECOFLOW_PASSWORD", cloud.password)
+    s = settings_for(cloud, developer=False, ecoflow_device_sn=D2M)
+    assert (s.ecoflow_account_user, s.ecoflow_account_password) == (cloud.email, cloud.password)
+    assert cloud_plan(s).sources == ("app_mqtt",)
+
+
+def test_device_sn_narrows_collection_to_the_named_station(cloud, db_url, caplog):
+    settings = settings_for(cloud, ecoflow_sources="rest", ecoflow_device_sn=f"{D2M},R3310000NOPE")
+    with Running(settings, db_url):
+        assert wait_for(lambda: rows(db_url))
+        time.sleep(0.5)
+    assert {r["device_sn"] for r in rows(db_url)} == {D2M}
+    asked = {r["query"].get("sn") for r in cloud.requests if r["path"].endswith("/quota/all")}
+    assert asked == {D2M}
+    assert "R3310000NOPE (ECOFLOW_DEVICE_SN / ECOFLOW_DEVICE_LIST) is not on this account" \
+        in caplog.text
