@@ -36,6 +36,7 @@ class MqttLink:
                  password: str | None = None, tls_ca: str | None = None):
         self.inbox: queue.Queue[Incoming] = queue.Queue()
         self.connected = threading.Event()
+        self.connections = 0  # counts successful connects, so callers can re-announce state
         self._client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5
         )
@@ -84,11 +85,20 @@ class MqttLink:
         )
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
+    def publish_supply(self, agent: str, payload: dict) -> bool:
+        """The D9 fail-safe supply state: QoS 1, retained, so an agent that connects later
+        still learns it."""
+        info = self._client.publish(f"power-manager/{agent}/supply",
+                                    json.dumps(payload, separators=(",", ":")), qos=1,
+                                    retain=True)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             log.error("MQTT connection refused: %s", reason_code)
             return
         client.subscribe([(ACK_TOPIC, 1), (STATUS_TOPIC, 1)])
+        self.connections += 1
         self.connected.set()
         log.info("connected to MQTT %s:%s", self._host, self._port)
 

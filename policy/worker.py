@@ -120,6 +120,8 @@ class Worker:
         self.notifier = notifier
         self._key = settings.signing_key.get_secret_value() if settings.signing_key else None
         self.params = settings.rule_params()
+        self._supply_sent: dict[str, bool] = {}
+        self._supply_connection = -1
 
     # -- the cycle ------------------------------------------------------------------------
     def db_now(self) -> datetime:
@@ -133,7 +135,28 @@ class Worker:
         for view in views:
             self.decide(view, now)
         self.deliver(now)
+        self.publish_supply(views, now)
         return views
+
+    def publish_supply(self, views: list[AgentView], now: datetime) -> None:
+        """D9: tell each agent, retained, whether the stations it needs are on battery; sent
+        on every change and again after each reconnect. Agents with FAILSAFE_AFTER_SEC halt
+        themselves when told "on battery" and then cut off from the broker for that long."""
+        link = self.link
+        if link is None or not link.connected.is_set():
+            return
+        if link.connections != self._supply_connection:
+            self._supply_sent.clear()
+            self._supply_connection = link.connections
+        for view in views:
+            on_grid = sum(1 for s in view.supplies if not s["on_battery"])
+            on_battery = on_grid < view.needed
+            if self._supply_sent.get(view.agent_id) == on_battery:
+                continue
+            body = {"agent": view.agent_id, "on_battery": on_battery,
+                    "ts": int(now.timestamp())}
+            if link.publish_supply(view.agent_id, body):
+                self._supply_sent[view.agent_id] = on_battery
 
     def decide(self, view: AgentView, now: datetime) -> None:
         episodes = sorted(view.episode_ids)

@@ -625,3 +625,57 @@ def test_notifications_toggled_off_are_not_sent(db, make_policy, agents, inbox):
     policy.run_until(300)
     time.sleep(0.3)
     assert received == [] and policy.events("alert_sent") == []
+
+
+def test_supply_state_is_published_retained_on_every_change_for_the_agents_fail_safe(
+        db, make_policy, mqtt_broker):
+    agent = agent_name()
+    seen: list[tuple[bool, dict]] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sup-{uuid.uuid4().hex[:6]}",
+                      protocol=mqtt.MQTTv5)
+    ready = threading.Event()
+    sub.on_connect = lambda c, *a: (c.subscribe(f"power-manager/{agent}/supply", qos=1),
+                                    ready.set())
+    sub.on_message = lambda c, u, m: seen.append((m.retain, json.loads(m.payload)))
+    sub.connect(mqtt_broker.host, mqtt_broker.port)
+    sub.loop_start()
+    try:
+        assert ready.wait(5)
+        time.sleep(0.1)
+        # Grid until 60 s, battery (high SoC: no shutdown) until 300 s, grid again after.
+        insert(db, SN, series(0, 50, 10, 90, True) + series(60, 290, 10, 80, False)
+               + series(300, 600, 10, 80, True))
+        policy = make_policy({SN: [agent]})
+        policy.run_until(600)
+        deadline = time.monotonic() + 3
+        while len(seen) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        states = [body["on_battery"] for _, body in seen]
+        assert states == [False, True, False], "once per change, not once per evaluation"
+        assert all(body["agent"] == agent for _, body in seen)
+        assert policy.commands() == []
+        # A restarted worker announces the current state again (the broker may have lost it).
+        policy.restart()
+        policy.run_until(620)
+        deadline = time.monotonic() + 3
+        while len(seen) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [body["on_battery"] for _, body in seen] == [False, True, False, False]
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+    # Retained: a late subscriber (an agent starting up) gets the last state at once.
+    late: list[dict] = []
+    got = threading.Event()
+    again = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"late-{uuid.uuid4().hex[:6]}",
+                        protocol=mqtt.MQTTv5)
+    again.on_connect = lambda c, *a: c.subscribe(f"power-manager/{agent}/supply", qos=1)
+    again.on_message = lambda c, u, m: (late.append(json.loads(m.payload)), got.set())
+    again.connect(mqtt_broker.host, mqtt_broker.port)
+    again.loop_start()
+    try:
+        assert got.wait(5)
+        assert late[0]["on_battery"] is False and late[0]["agent"] == agent
+    finally:
+        again.disconnect()
+        again.loop_stop()
