@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections import Counter as Counter_
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from collector.rows import Row
 
@@ -20,72 +22,96 @@ DEVICE_GAUGES = {
     "remain_time_min": ("ecoflow_remain_time_min", "Runtime left while discharging (min)"),
     "battery_temp_c": ("ecoflow_battery_temp_celsius", "Battery temperature (deg C)"),
 }
+RECEIVED = ("ecoflow_collector_messages_received", "Payloads received")
+DECODED = ("ecoflow_collector_messages_decoded", "Payloads decoded")
+FAILED = ("ecoflow_collector_messages_failed", "Payloads that went to ingest_errors")
+GRID_GAUGE = ("ecoflow_grid_connected", "AC input present (1) or not (0)")
+LAST_READING_GAUGE = ("ecoflow_last_reading_timestamp_seconds",
+                      "Unix time of the device's latest reading")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.messages = Counter("ecoflow_collector_messages_received", "Payloads received",
-                                ["source"], registry=r)
-        self.decoded_total = Counter("ecoflow_collector_messages_decoded", "Payloads decoded",
-                                     ["source"], registry=r)
-        self.failed_total = Counter("ecoflow_collector_messages_failed",
-                                    "Payloads that went to ingest_errors", ["source"], registry=r)
         self.rows_written = Counter("ecoflow_collector_rows_written", "Rows committed", registry=r)
         self.batch_seconds = Histogram("ecoflow_collector_batch_write_seconds",
                                        "Time to write one batch", registry=r)
-        self.last_reading = Gauge("ecoflow_last_reading_timestamp_seconds",
-                                  "Unix time of the device's latest reading", ["device"], registry=r)
         self.seconds_since = Gauge("ecoflow_seconds_since_last_reading",
                                    "Seconds since the device's latest reading", ["device"],
                                    registry=r)
-        self.grid = Gauge("ecoflow_grid_connected", "AC input present (1) or not (0)", ["device"],
-                          registry=r)
         self.online = Gauge("ecoflow_online", "Device reported within its freshness limit",
                             ["device"], registry=r)
         self.cloud_online = Gauge("ecoflow_cloud_online",
                                   "Online flag of EcoFlow's device list (developer API)",
                                   ["device"], registry=r)
-        self.device = {col: Gauge(name, doc, ["device"], registry=r)
-                       for col, (name, doc) in DEVICE_GAUGES.items()}
+        # Per-message figures are plain counts and dicts turned into samples when Prometheus
+        # scrapes: a labelled counter or gauge takes a lock on every update, and setting a
+        # dozen of them per reading cost more than decoding it.
+        self.received_count: Counter_[str] = Counter_()
+        self.decoded_count: Counter_[str] = Counter_()
+        self.failed_count: Counter_[str] = Counter_()
+        self._latest: dict[str, dict] = {}  # device -> values of its latest row
         self._last_seen: dict[str, float] = {}
-        self._children: dict[str, dict] = {}  # per device, labelled gauges (labels() is costly)
+        r.register(_PerMessage(self))
 
     def received(self, source: str) -> None:
-        self.messages.labels(source).inc()
+        self.received_count[source] += 1
 
     def failed(self, source: str) -> None:
-        self.failed_total.labels(source).inc()
+        self.failed_count[source] += 1
 
     def decoded(self, source: str, rows: list[Row]) -> None:
-        self.decoded_total.labels(source).inc()
+        self.decoded_count[source] += 1
+        latest, last_seen = self._latest, self._last_seen
         for row in rows:
-            gauges = self._device_gauges(row.device_sn)
-            for col, value in row.values.items():
-                gauge = gauges.get(col)
-                if gauge is not None and value is not None:
-                    gauge.set(1 if value is True else 0 if value is False else value)
+            sn = row.device_sn
+            # A row's values are the device's merged snapshot (collector.rows.SnapshotMerger),
+            # so the latest row holds every column the device has reported.
+            latest[sn] = row.values
             ts = row.ts.timestamp()
-            if ts >= self._last_seen.get(row.device_sn, 0):
-                self._last_seen[row.device_sn] = ts
-                gauges["_last_reading"].set(ts)
-
-    def _device_gauges(self, sn: str) -> dict:
-        children = self._children.get(sn)
-        if children is None:
-            children = {col: g.labels(sn) for col, g in self.device.items()}
-            children["grid_connected"] = self.grid.labels(sn)
-            children["_last_reading"] = self.last_reading.labels(sn)
-            self._children[sn] = children
-        return children
+            if ts >= last_seen.get(sn, 0):
+                last_seen[sn] = ts
 
     def refresh(self, stale_after_sec: float = 120) -> None:
         now = time.time()
-        for sn, ts in self._last_seen.items():
+        for sn, ts in list(self._last_seen.items()):
             self.seconds_since.labels(sn).set(now - ts)
             self.online.labels(sn).set(1 if now - ts <= stale_after_sec else 0)
 
     def serve(self, port: int) -> None:
         if port:
             start_http_server(port, registry=self.registry)
+
+
+class _PerMessage:
+    """The message counters and per-device gauges, made from the counts and latest rows at
+    scrape time."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        m = self.m
+        for (name, doc), counts in ((RECEIVED, m.received_count), (DECODED, m.decoded_count),
+                                    (FAILED, m.failed_count)):
+            family = CounterMetricFamily(name, doc, labels=["source"])
+            for source, count in list(counts.items()):
+                family.add_metric([source], count)
+            yield family
+        columns = {**DEVICE_GAUGES, "grid_connected": GRID_GAUGE}
+        families = {col: GaugeMetricFamily(name, doc, labels=["device"])
+                    for col, (name, doc) in columns.items()}
+        last = GaugeMetricFamily(*LAST_READING_GAUGE, labels=["device"])
+        for sn, values in list(m._latest.items()):
+            for col, family in families.items():
+                # A column the device never reported reads 0, as a fresh labelled gauge would.
+                value = values.get(col)
+                family.add_metric([sn], 0 if value is None else 1 if value is True
+                                  else 0 if value is False else value)
+            last.add_metric([sn], m._last_seen.get(sn, 0))
+        yield from families.values()
+        yield last

@@ -37,35 +37,40 @@ class Pipeline:
         `device_sn` names the station when neither the topic nor the payload does (a REST
         answer for one serial number)."""
         received_at = received_at or datetime.now(timezone.utc)
-        topic_sn = sn_from_topic(topic) or device_sn
+        topic_sn = sn_from_topic(topic)
         if self.metrics:
             self.metrics.received(source)
         try:
             readings = decode(payload, topic=topic, source=source)
         except DecodeError as exc:
-            return self.dead_letter(source, topic, payload, str(exc), topic_sn, on_commit)
+            return self.dead_letter(source, topic, payload, str(exc), topic_sn or device_sn,
+                                    on_commit)
         except Exception as exc:  # a decoder bug must not stop the collector or lose the bytes
             log.exception("decoder failed on a payload from %s", topic or source)
-            return self.dead_letter(source, topic, payload, f"decoder error: {exc!r}", topic_sn,
-                                     on_commit)
+            return self.dead_letter(source, topic, payload, f"decoder error: {exc!r}",
+                                    topic_sn or device_sn, on_commit)
         if device_sn:
             for reading in readings:
                 reading.device_sn = reading.device_sn or device_sn
-        return self.handle_readings(readings, payload, topic, source, on_commit, received_at)
+        return self._queue(readings, payload, topic, topic_sn, source, on_commit, received_at)
 
     def handle_readings(self, readings: list, payload: bytes, topic: str | None, source: str,
                         on_commit: Callable[[], None] | None = None,
                         received_at: datetime | None = None) -> int:
         """Queue readings a source decoded itself (e.g. NUT variables)."""
-        received_at = received_at or datetime.now(timezone.utc)
-        topic_sn = sn_from_topic(topic)
+        return self._queue(readings, payload, topic, sn_from_topic(topic), source, on_commit,
+                           received_at or datetime.now(timezone.utc))
+
+    def _queue(self, readings: list, payload: bytes, topic: str | None, topic_sn: str | None,
+               source: str, on_commit: Callable[[], None] | None,
+               received_at: datetime) -> int:
         rows: list[Row] = []
         for reading in readings:
             sn = reading.device_sn or topic_sn
             if not sn:
                 return self.dead_letter(source, topic, payload,
-                                         "no serial number in the topic or the payload", None,
-                                         on_commit)
+                                        "no serial number in the topic or the payload", None,
+                                        on_commit)
             if reading.online is False:
                 log.info("%s reports device %s offline", source, sn)
                 continue
@@ -77,12 +82,9 @@ class Pipeline:
                 modules = self.writer.snapshots.merge_modules(sn, reading.soc_modules)
                 values["soc_min_percent"] = min(modules.values())
             rows.append(Row(ts=ts, device_sn=sn, source=source, raw_data=reading.raw,
-                            values=values, model=reading.model))
+                            values=values, model=reading.model, raw_json=reading.raw_json))
 
-        for row in rows:
-            self.writer.add(row)
-        if on_commit:
-            self.writer.ack_when_committed(on_commit)
+        self.writer.add_rows(rows, on_commit)
         if self.metrics:
             self.metrics.decoded(source, rows)
         if self.publish_state:

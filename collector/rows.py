@@ -14,10 +14,11 @@ VALUE_COLUMNS = (
     "pv_in_watts", "grid_connected", "battery_temp_c",
 )
 TABLE_COLUMNS = ("ts", "device_sn", *VALUE_COLUMNS, "source", "raw_data")
+_VALUE_SET = frozenset(VALUE_COLUMNS)
 SOURCES = ("rest", "open_mqtt", "app_mqtt", "bridge", "nut", "simulator")
 
 
-@dataclass
+@dataclass(slots=True)
 class Row:
     ts: datetime
     device_sn: str
@@ -25,9 +26,12 @@ class Row:
     raw_data: dict[str, Any]
     values: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
+    # The payload's JSON text when raw_data is that text parsed: stored as it came, which
+    # spares serializing raw_data again for every row.
+    raw_json: str | None = None
 
     def as_tuple(self) -> tuple:
-        return (self.ts, self.device_sn, *(self.values.get(c) for c in VALUE_COLUMNS),
+        return (self.ts, self.device_sn, *map(self.values.get, VALUE_COLUMNS),
                 self.source, self.raw_data)
 
 
@@ -46,13 +50,18 @@ class SnapshotMerger:
 
     def seed(self, device_sn: str, values: dict[str, Any]) -> None:
         """Fill in values stored earlier; what has arrived since start-up is newer and wins."""
-        stored = {k: v for k, v in values.items() if k in VALUE_COLUMNS and v is not None}
+        stored = {k: v for k, v in values.items() if k in _VALUE_SET and v is not None}
         self._known[device_sn] = {**stored, **self._known.get(device_sn, {})}
 
     def merge(self, device_sn: str, values: dict[str, Any]) -> dict[str, Any]:
-        known = self._known.setdefault(device_sn, {})
-        known.update({k: v for k, v in values.items() if k in VALUE_COLUMNS and v is not None})
-        return dict(known)
+        """The device's snapshot with `values` merged in: a new dict, the row's own."""
+        known = self._known.get(device_sn)
+        if known is None:
+            known = self._known[device_sn] = {}
+        for k, v in values.items():
+            if v is not None and k in _VALUE_SET:
+                known[k] = v
+        return known.copy()
 
     def merge_modules(self, device_sn: str, modules: dict[str, float]) -> dict[str, float]:
         """Per-pack SoCs arrive in separate messages (master, then a slave pack): keep them all,

@@ -41,6 +41,7 @@ ON CONFLICT (device_sn) DO UPDATE SET
     last_seen  = greatest(d.last_seen, EXCLUDED.last_seen),
     updated_at = now()
 """
+_COPY = f"COPY ecoflow_staging ({', '.join(TABLE_COLUMNS)}) FROM STDIN"
 _LATEST = f"SELECT device_sn, {', '.join(VALUE_COLUMNS)} FROM ecoflow_latest"
 
 
@@ -72,6 +73,7 @@ class Writer:
         self._rows: list[Row] = []
         self._errors: list[IngestError] = []
         self._callbacks: list[Callback] = []
+        self._after_acks: list[Callback] = []
         self._lock = threading.Condition()
         self._conn: psycopg.Connection | None = None
         self._stop = threading.Event()
@@ -81,11 +83,18 @@ class Writer:
     # -- producers --------------------------------------------------------------------------
     def add(self, row: Row, on_commit: Callback | None = None) -> None:
         """Queue a reading; its values are merged into the device's snapshot first."""
+        self.add_rows([row], on_commit)
+
+    def add_rows(self, rows: list[Row], on_commit: Callback | None = None) -> None:
+        """Queue the readings of one payload, then `on_commit` to run once they are committed
+        (also when `rows` is empty: the payload is handled once what came before is)."""
         with self._lock:
             while len(self._rows) >= self.max_buffer and not self._stop.is_set():
                 self._lock.wait(0.5)
-            row.values = self.snapshots.merge(row.device_sn, row.values)
-            self._rows.append(row)
+            merge = self.snapshots.merge
+            for row in rows:
+                row.values = merge(row.device_sn, row.values)
+            self._rows += rows
             if on_commit:
                 self._callbacks.append(on_commit)
             if len(self._rows) >= self.batch_rows:
@@ -97,10 +106,10 @@ class Writer:
             if on_commit:
                 self._callbacks.append(on_commit)
 
-    def ack_when_committed(self, callback: Callback) -> None:
-        """Run `callback` after everything queued so far has committed."""
-        with self._lock:
-            self._callbacks.append(callback)
+    def after_acks(self, hook: Callback) -> None:
+        """Run `hook` once after the callbacks of each committed batch have run: a source that
+        collects its acknowledgements in the callbacks sends them all from here."""
+        self._after_acks.append(hook)
 
     # -- database ---------------------------------------------------------------------------
     def _connect(self) -> psycopg.Connection:
@@ -127,8 +136,7 @@ class Writer:
             rows, errors, callbacks = self._rows, self._errors, self._callbacks
             self._rows, self._errors, self._callbacks = [], [], []
         if not rows and not errors:
-            for cb in callbacks:
-                cb()
+            self._acknowledge(callbacks)
             return 0
         started = time.monotonic()
         try:
@@ -147,23 +155,33 @@ class Writer:
             self.metrics.batch_seconds.observe(time.monotonic() - started)
         with self._lock:
             self._lock.notify_all()
+        self._acknowledge(callbacks)
+        return len(rows)
+
+    def _acknowledge(self, callbacks: list[Callback]) -> None:
         for cb in callbacks:
             try:
                 cb()
             except Exception:  # an ack for a dropped connection must not undo the write
                 log.exception("acknowledging a committed message failed")
-        return len(rows)
+        if callbacks:
+            for hook in self._after_acks:
+                try:
+                    hook()
+                except Exception:
+                    log.exception("sending the acknowledgements of a committed batch failed")
 
     def _write(self, rows: list[Row], errors: list[IngestError]) -> int:
         inserted = 0
         conn = self._connect()
         with conn.transaction(), conn.cursor() as cur:
             if rows:
-                with cur.copy(f"COPY ecoflow_staging ({', '.join(TABLE_COLUMNS)}) FROM STDIN") as cp:
+                with cur.copy(_COPY) as cp:
+                    write = cp.write_row
                     for row in rows:
-                        record = list(row.as_tuple())
-                        record[-1] = Jsonb(record[-1])
-                        cp.write_row(record)
+                        get = row.values.get
+                        write((row.ts, row.device_sn, *map(get, VALUE_COLUMNS), row.source,
+                               row.raw_json if row.raw_json is not None else Jsonb(row.raw_data)))
                 cur.execute(_INSERT)
                 inserted = cur.rowcount
                 models = {r.device_sn: r.model for r in rows if r.model}

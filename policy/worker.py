@@ -24,6 +24,7 @@ from policy.settings import PolicySettings
 log = logging.getLogger("ecoflow.policy")
 
 READINGS_CHANNEL = "ecoflow_readings"
+SUMMARY_REFRESH_SEC = 60.0
 ACK_STATUSES = ("received", "scheduled", "executing", "aborted", "rejected", "expired", "dry_run")
 # A later ack never moves a command back (a late "received" after "executing").
 _ACK_RANK = {"pending": 0, "sent": 0, "received": 1, "scheduled": 2, "dry_run": 3,
@@ -487,6 +488,8 @@ def serve(db_url: str, settings: PolicySettings, link: MqttLink, notifier=None,
           stop: threading.Event | None = None) -> None:
     """Evaluate every POLICY_INTERVAL_SEC and at once when new readings are committed."""
     stop = stop or threading.Event()
+    threading.Thread(target=refresh_summaries, args=(db_url, stop), name="summaries",
+                     daemon=True).start()
     while not stop.is_set():
         try:
             with psycopg.connect(db_url, autocommit=True) as conn, \
@@ -500,6 +503,22 @@ def serve(db_url: str, settings: PolicySettings, link: MqttLink, notifier=None,
             log.error("database unavailable (%s); retrying in %.0f s", exc,
                       settings.interval_sec)
             stop.wait(settings.interval_sec)
+
+
+def refresh_summaries(db_url: str, stop: threading.Event,
+                      every: float = SUMMARY_REFRESH_SEC) -> None:
+    """Bring the dashboards' summary tables up to date (ecoflow_refresh_summaries, migration
+    0003) now and then every `every` seconds until `stop`. It runs beside the policy loop on
+    its own connection, so a slow refresh (the first one builds the whole history) never delays
+    a decision; a failure is logged and the next round tries again."""
+    while not stop.is_set():
+        try:
+            with psycopg.connect(db_url, autocommit=True) as conn:
+                conn.execute("SELECT ecoflow_refresh_summaries()")
+        except Exception as exc:  # whatever it is, the policy loop goes on
+            log.warning("summary refresh failed (views stay correct, reading more raw rows): %s",
+                        exc)
+        stop.wait(every)
 
 
 def _wait_for_readings(listener: psycopg.Connection, interval: float,

@@ -14,10 +14,18 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from collector.service import Collector
 from collector.settings import CollectorSettings
+from servicekit.mqtt import (
+    RECV_CHUNK,
+    FastReceiveClient,
+    fast_path_available,
+    make_client,
+    persistent_session,
+)
 from servicekit.settings import DatabaseSettings
 from testbed.mosquitto import MosquittoServer
 from tests.collector_support import (
     SN,
+    T0_MS,
     collector_env,
     delta2_push,
     publish_all,
@@ -98,6 +106,71 @@ def test_partial_messages_publish_a_complete_normalized_state(collector, mqtt_br
     assert states[-1]["soc_min"] == 70 and states[-1]["device"] == sn
     for c in (pub, sub):
         c.disconnect()
+
+
+def test_batches_fill_without_waiting_for_the_flush_interval(db_url, mqtt_broker, db):
+    # The broker's window of unacknowledged messages must hold more than a batch: at 1000
+    # (the old fixed window) a batch of 1500 never formed and every write waited a minute.
+    settings = CollectorSettings(MQTT_HOST=mqtt_broker.host, MQTT_PORT=mqtt_broker.port,
+                                 EXPORTER_PORT=0, BATCH_ROWS=1500, FLUSH_INTERVAL_SEC=60,
+                                 PUBLISH_STATE=False, COLLECTOR_CLIENT_ID="collector-window-test")
+    c = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
+    c.start()
+    try:
+        assert c.sources[0].connected.wait(5)
+        pub = publisher(mqtt_broker.host, mqtt_broker.port, "window-publisher")
+        publish_all(pub, TOPIC, [delta2_push(i) for i in range(3000)])
+        # Full batches are written at once; only the last, partial one waits for the interval.
+        assert wait_rows(db_url, 1500, timeout=20) >= 1500
+        pub.disconnect()
+    finally:
+        c.stop()
+
+
+def test_committed_messages_are_acknowledged_and_not_delivered_again(db_url, mqtt_broker):
+    client_id = "collector-ack-test"
+    settings = CollectorSettings(MQTT_HOST=mqtt_broker.host, MQTT_PORT=mqtt_broker.port,
+                                 EXPORTER_PORT=0, FLUSH_INTERVAL_SEC=0.2, PUBLISH_STATE=False,
+                                 COLLECTOR_CLIENT_ID=client_id)
+    c = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
+    c.start()
+    assert c.sources[0].connected.wait(5)
+    pub = publisher(mqtt_broker.host, mqtt_broker.port, "ack-publisher")
+    publish_all(pub, TOPIC, [delta2_push(i) for i in range(2500)])
+    assert wait_rows(db_url, 2500) == 2500
+    pub.disconnect()
+    c.stop()
+    # The same session, resumed: a message left unacknowledged would be delivered again.
+    again = []
+    client = make_client(client_id)
+    client.on_message = lambda _c, _u, msg: again.append(msg.mid)
+    client.connect(mqtt_broker.host, mqtt_broker.port, clean_start=False,
+                   properties=persistent_session())
+    client.loop_start()
+    time.sleep(1.5)
+    client.disconnect()
+    client.loop_stop()
+    assert again == []
+
+
+def test_a_payload_larger_than_one_socket_read_arrives_whole(collector, mqtt_broker, db_url, db):
+    big = json.dumps({"id": 1, "timestamp": T0_MS + 1000, "params": {
+        "bms_emsStatus.f32LcdShowSoc": 77, "pd.note": "x" * 3 * RECV_CHUNK}}).encode()
+    pub = publisher(mqtt_broker.host, mqtt_broker.port)
+    publish_all(pub, TOPIC, [delta2_push(0), big, delta2_push(2)])
+    assert wait_rows(db_url, 3) == 3
+    assert db.execute("SELECT soc_percent, length(raw_data->'params'->>'pd.note')"
+                      " FROM ecoflow_measurements WHERE raw_data->>'id' = '1'").fetchone() == (
+        77, 3 * RECV_CHUNK)
+    pub.disconnect()
+
+
+def test_the_bridge_reads_with_the_fast_receive_path(collector):
+    # FastReceiveClient builds on paho internals; if an upgrade removes them it falls back to
+    # paho's slower path, and this test says so.
+    client = collector.sources[0].client
+    assert isinstance(client, FastReceiveClient)
+    assert fast_path_available() and client._fast
 
 
 def test_collector_killed_mid_stream_loses_nothing(db_url, mqtt_broker, db):

@@ -93,6 +93,35 @@ def test_acks_run_only_after_the_rows_are_committed(db_url, db):
     w.stop()
 
 
+def test_batch_hooks_run_once_per_commit_after_the_batchs_acks(db_url, db):
+    w = Writer(db_url)
+    events = []
+    w.after_acks(lambda: events.append("hook"))
+    w.add_rows([row(0, soc_percent=1), row(1, soc_percent=2)], on_commit=lambda: events.append(1))
+    w.add_rows([], on_commit=lambda: events.append("offline reply"))
+    w.add(row(2, soc_percent=3), on_commit=lambda: events.append(2))
+    assert events == []
+    w.flush()
+    assert events == [1, "offline reply", 2, "hook"]
+    w.flush()  # nothing committed, nothing to acknowledge
+    assert events == [1, "offline reply", 2, "hook"]
+    w.stop()
+
+
+def test_the_payloads_json_text_is_stored_as_it_came(db_url, db):
+    w = Writer(db_url)
+    text = '{"id": 7, "params": {"pd.wattsOutSum": 120.50, "note": "tab\\there"}}'
+    r = row(0, soc_percent=50)
+    r.raw_json = text
+    w.add(r)
+    w.flush()
+    assert db.execute("SELECT raw_data::text = %s::jsonb::text FROM ecoflow_measurements",
+                      (text,)).fetchone() == (True,)
+    assert db.execute("SELECT raw_data->'params'->>'pd.wattsOutSum' FROM ecoflow_measurements"
+                      ).fetchone() == ("120.50",)
+    w.stop()
+
+
 def test_database_outage_keeps_rows_and_acks_until_it_returns():
     server = PostgresServer().start()  # its own server, so stopping it disturbs no other test
     try:

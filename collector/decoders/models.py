@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 # Serial-number prefixes seen in captures and EcoFlow's documentation.
 SN_PREFIXES = (
     ("MR51", "Delta Pro 3"),
@@ -33,8 +35,13 @@ def model_for(sn: str | None, product_type: object = None) -> str | None:
     """The model name, from productType first (it is explicit), then the serial prefix."""
     if isinstance(product_type, int) and product_type in PRODUCT_TYPES:
         return PRODUCT_TYPES[product_type]
-    if sn:
-        for prefix, model in SN_PREFIXES:
-            if sn.upper().startswith(prefix):
-                return model
+    return _model_for_sn(sn) if sn else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _model_for_sn(sn: str) -> str | None:
+    upper = sn.upper()
+    for prefix, model in SN_PREFIXES:
+        if upper.startswith(prefix):
+            return model
     return None

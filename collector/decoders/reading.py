@@ -30,6 +30,8 @@ REMAIN_TIME_SENTINELS = frozenset({5999, 5939})
 # AC-in voltage above this means the grid is there; below it is sensor noise.
 GRID_PRESENT_VOLTS = 50.0
 
+_isfinite = math.isfinite
+
 # Epoch seconds between 2017 and 2100: anything else in a timestamp field is not wall-clock time
 # (the open MQTT `time` field, for one, counts something else).
 _EPOCH_MIN, _EPOCH_MAX = 1_483_228_800, 4_102_444_800
@@ -60,6 +62,9 @@ class Reading:
     soc_modules: dict[str, float] = field(default_factory=dict)
     online: bool | None = None
     source: str | None = None
+    # The JSON text `raw` was parsed from, when the payload was JSON: the writer stores it as
+    # it came instead of serializing `raw` again.
+    raw_json: str | None = field(default=None, repr=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (ISO timestamp), as the decode command prints it."""
@@ -78,21 +83,31 @@ class Reading:
 
 def number(value: Any) -> float | None:
     """A finite number from a JSON or protobuf value; None for anything else (bools included)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    # Exact types first: this runs a score of times for every payload.
+    cls = type(value)
+    if cls is int:
+        return value
+    if cls is float:
+        return value if _isfinite(value) else None
+    if value is None or cls is bool or not isinstance(value, int | float):
         return None
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, float) and not _isfinite(value):
         return None
     return value
 
 
 def watts(value: Any, scale: float = 1.0) -> int | None:
     """A power reading as whole watts; `scale` converts units such as 0.1 W."""
+    if value is None:
+        return None
     n = number(value)
     return None if n is None else int(round(n * scale))
 
 
 def out_watts(value: Any, scale: float = 1.0) -> int | None:
     """An output power as a magnitude: gen-3 reports outflow as a negative float."""
+    if value is None:
+        return None
     w = watts(value, scale)
     return None if w is None else abs(w)
 
@@ -115,7 +130,7 @@ def remain_minutes(value: Any) -> int | None:
 
 def sum_all(values: list[int | None]) -> int | None:
     """Sum of port powers, only when every port is known: a partial sum would be a wrong total."""
-    if not values or any(v is None for v in values):
+    if not values or None in values:
         return None
     return sum(values)  # type: ignore[arg-type]
 
@@ -157,13 +172,19 @@ def finish(values: dict[str, Any], soc_modules: dict[str, float]) -> dict[str, A
     return result
 
 
+_USB_KEYS = ("pd.usb1Watts", "pd.usb2Watts", "pd.qcUsb1Watts", "pd.qcUsb2Watts")
+_TYPEC_KEYS = ("pd.typec1Watts", "pd.typec2Watts")
+
+
+def _ports_sum(raw: list) -> int | None:
+    # A missing port makes the sum unknown whatever the others say: skip converting them.
+    return None if None in raw else sum_all([out_watts(v) for v in raw])
+
+
 def pd_port_watts(f) -> dict[str, int | None]:
     """USB-A, USB-C and 12 V outputs from the gen-1 / gen-2 `pd.` keys (same names on both)."""
     return {
-        "usb_out_watts": sum_all(
-            [out_watts(f(k)) for k in ("pd.usb1Watts", "pd.usb2Watts", "pd.qcUsb1Watts",
-                                       "pd.qcUsb2Watts")]
-        ),
-        "typec_out_watts": sum_all([out_watts(f(k)) for k in ("pd.typec1Watts", "pd.typec2Watts")]),
+        "usb_out_watts": _ports_sum([f(k) for k in _USB_KEYS]),
+        "typec_out_watts": _ports_sum([f(k) for k in _TYPEC_KEYS]),
         "dc_out_watts": out_watts(f("pd.carWatts")),
     }

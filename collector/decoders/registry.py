@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from typing import Any
@@ -35,8 +36,10 @@ def serial_number(candidate: Any) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def sn_from_topic(topic: str | None) -> str | None:
     """The serial number a topic names, or None."""
+    # Cached: a collector sees the same few topics (one per station) over and over.
     for pattern in _TOPIC_SN:
         match = pattern.match(topic or "")
         if match:
@@ -59,17 +62,26 @@ def _source_from(topic: str | None, shape: str) -> str | None:
     return None
 
 
+# Every family prefix is one "<module>." segment, so "a key starts with the prefix" is "the
+# key's first segment, dot included, is the prefix": one pass over the keys instead of five.
+_GEN1_PREFIXES = frozenset(delta_gen1.PREFIXES)
+_GEN2_PREFIXES = frozenset(delta_gen2.PREFIXES)
+assert all(p.endswith(".") and p.count(".") == 1 for p in (
+    powerstream.PREFIX, smartplug.PREFIX, *_GEN1_PREFIXES, *_GEN2_PREFIXES))
+
+
 def _json_family(unwrapped: Unwrapped, model: str | None) -> str | None:
     keys = unwrapped.fields.keys()
-    if any(k.startswith(powerstream.PREFIX) for k in keys):
+    heads = {k[:k.find(".") + 1] for k in keys}  # "" for a key without a dot
+    if powerstream.PREFIX in heads:
         return powerstream.FAMILY
-    if any(k.startswith(smartplug.PREFIX) for k in keys):
+    if smartplug.PREFIX in heads:
         return smartplug.FAMILY
-    if gen3.MARKER_KEYS & set(keys):
+    if not gen3.MARKER_KEYS.isdisjoint(keys):
         return gen3.FAMILY
-    if model in ("Delta Pro", "Delta Max") or any(k.startswith(delta_gen1.PREFIXES) for k in keys):
+    if model in ("Delta Pro", "Delta Max") or not _GEN1_PREFIXES.isdisjoint(heads):
         return delta_gen1.FAMILY
-    if any(k.startswith(delta_gen2.PREFIXES) for k in keys):
+    if not _GEN2_PREFIXES.isdisjoint(heads):
         return delta_gen2.FAMILY
     return None
 
@@ -114,15 +126,16 @@ def decode_json(document: Any, topic: str | None = None, source: str | None = No
                    online=unwrapped.online, source=source)
 
 
-def _as_json(payload: bytes) -> Any:
-    """The JSON document in `payload`, or None when the payload is not JSON text."""
-    text = payload.lstrip()
-    if text[:1] not in (b"{", b"["):
-        return None
+def _as_json(payload: bytes) -> tuple[Any, str | None]:
+    """The JSON document in `payload` and its text, or (None, None) when the payload is not
+    JSON text."""
+    if payload.lstrip()[:1] not in (b"{", b"["):
+        return None, None
     try:
-        return json.loads(payload.decode("utf-8"))
+        text = payload.decode("utf-8")
+        return json.loads(text), text
     except (UnicodeDecodeError, ValueError):
-        return None
+        return None, None
 
 
 def _as_base64(payload: bytes) -> bytes | None:
@@ -148,9 +161,11 @@ def decode(payload: bytes, topic: str | None = None, source: str | None = None) 
     if not payload.strip():
         raise DecodeError("empty payload")
 
-    document = _as_json(payload)
+    document, text = _as_json(payload)
     if document is not None:
-        return [decode_json(document, topic, source)]
+        reading = decode_json(document, topic, source)
+        reading.raw_json = text
+        return [reading]
     if payload.lstrip()[:1] in (b"{", b"["):
         raise DecodeError("payload starts like JSON but is not valid UTF-8 JSON")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections import deque
 
 import paho.mqtt.client as mqtt
 
@@ -17,6 +18,13 @@ from collector.pipeline import Pipeline
 from servicekit.mqtt import make_client, persistent_session
 
 log = logging.getLogger(__name__)
+
+
+def receive_window(batch_rows: int) -> int:
+    """Unacknowledged messages the broker may send us: two batches, so one fills while the
+    previous one is written. At one batch or less, a full batch could never form and every
+    write would wait for the flush interval."""
+    return max(1000, 2 * batch_rows)
 
 
 class BridgeSource:
@@ -29,7 +37,8 @@ class BridgeSource:
         self.host, self.port = host, port
         self.topics = topics
         self.source_label = source_label
-        self.client = make_client(client_id, user, password, tls_ca, manual_ack=True)
+        self.client = make_client(client_id, user, password, tls_ca, manual_ack=True,
+                                  fast_receive=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -37,12 +46,17 @@ class BridgeSource:
         # Message ids restart with every connection: an ack that arrives after a reconnect
         # would hit another message, so it is dropped (the broker redelivers the original).
         self._generation = 0
+        # (connection generation, message id) of committed messages, acknowledged together
+        # once the writer has run a batch's callbacks.
+        self._committed: deque[tuple[int, int]] = deque()
+        pipeline.writer.after_acks(self._send_acks)
 
     def start(self) -> None:
         log.info("bridge source: connecting to %s:%d, topics %s", self.host, self.port,
                  ", ".join(self.topics))
+        window = receive_window(self.pipeline.writer.batch_rows)
         self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False,
-                                  properties=persistent_session())
+                                  properties=persistent_session(window))
         self.client.loop_start()
 
     def stop(self) -> None:
@@ -67,7 +81,22 @@ class BridgeSource:
             log.warning("bridge source: disconnected (%s); reconnecting", reason)
 
     def _on_message(self, client: mqtt.Client, _userdata, msg: mqtt.MQTTMessage) -> None:
-        hand_over(self, client, msg, _label(msg, self.source_label))
+        label = self.source_label if msg.properties is None else _label(msg, self.source_label)
+        if msg.qos != 1:
+            hand_over(self, client, msg, label)
+            return
+        self.pipeline.handle(msg.payload, msg.topic, label,
+                             on_commit=_Committed(self._committed, self._generation, msg.mid))
+
+    def _send_acks(self) -> None:
+        """Acknowledge every message committed so far that came on the current connection."""
+        committed, generation, mids = self._committed, self._generation, []
+        while committed:
+            gen, mid = committed.popleft()
+            if gen == generation:
+                mids.append(mid)
+        if mids and self.connected.is_set() and generation == self._generation:
+            self.client.ack_many(mids)
 
 
 def hand_over(source, client: mqtt.Client, msg: mqtt.MQTTMessage, label: str) -> int:
@@ -93,3 +122,16 @@ def _label(msg: mqtt.MQTTMessage, default: str) -> str:
         if key == "source" and value == "simulator":
             return "simulator"
     return default
+
+
+class _Committed:
+    """The on-commit callback of one message: notes it for `BridgeSource._send_acks`."""
+
+    __slots__ = ("_done", "_item")
+
+    def __init__(self, done: deque, generation: int, mid: int):
+        self._done = done
+        self._item = (generation, mid)
+
+    def __call__(self) -> None:
+        self._done.append(self._item)

@@ -1,0 +1,311 @@
+"""The summary tables behind the views (migration 0003) give the answers the views gave when
+they computed everything from raw readings: after a first build, across incremental refreshes,
+with late rows inside the lookback, and with new rows no refresh has seen yet.
+
+The reference is 0001's own view SQL, created in a schema `raw` beside the real views.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import psycopg
+import pytest
+
+from policy.worker import refresh_summaries
+from servicekit.migrate import downgrade, upgrade
+
+INITIAL = importlib.import_module("migrations.versions.0001_initial_schema")
+ORIGIN = "TIMESTAMPTZ '2000-01-01 00:00:00+00'"
+
+# view -> the columns that order its rows
+VIEWS = {
+    "energy_daily": "device_sn, day",
+    "outages": "device_sn, started_at",
+    "ecoflow_rollup_1m": "device_sn, bucket",
+    "ecoflow_rollup_1h": "device_sn, bucket",
+}
+SUMMARY_TABLES = {
+    "ecoflow_summary_1m": "device_sn, bucket, source",
+    "ecoflow_summary_1h": "device_sn, bucket, source",
+    "ecoflow_summary_outages": "device_sn, started_at, bucket",
+    "ecoflow_summary_devices": "device_sn",
+}
+COLUMNS = ("ts", "device_sn", "soc_percent", "soc_min_percent", "watts_in_sum", "watts_out_sum",
+           "ac_in_watts", "pv_in_watts", "grid_connected", "battery_temp_c", "source", "raw_data")
+OFFICE, GARAGE, UPS = "R331ZEB4ZEA0012345", "DCABZ8ZE1234567", "NUT-ups"
+
+
+@dataclass
+class Telemetry:
+    db: psycopg.Connection
+    now: datetime  # the seeded history ends here
+
+
+def reading(ts, sn, source, *, grid, soc=80.0, watts_in=300, watts_out=150, pv=0):
+    soc_min = None if soc is None else soc - 1
+    return (ts, sn, soc, soc_min, watts_in, watts_out, watts_in if grid else 0, pv, grid, 25.0,
+            source, "{}")
+
+
+def insert(db, rows) -> None:
+    with db.cursor().copy(f"COPY ecoflow_measurements ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+
+
+def two_days(now: datetime) -> list[tuple]:
+    """Three stations over two days, sampled as real ones are: irregularly, with gaps, with
+    grid losses (one across midnight UTC, one ongoing, one a few seconds long), with unknown grid
+    states and missing power values, from more than one source."""
+    rnd = random.Random(20261124)
+    start = now - timedelta(days=2)
+    office_out = [(now - timedelta(hours=30), now - timedelta(hours=29, minutes=10)),
+                  (now - timedelta(hours=3), now - timedelta(hours=2, minutes=20)),
+                  (now - timedelta(hours=10), now - timedelta(hours=10) + timedelta(seconds=50))]
+    gap = (now - timedelta(hours=20), now - timedelta(hours=19, minutes=40))
+    rows = []
+    t, soc = start, 100.0
+    while t <= now:
+        if not gap[0] <= t < gap[1]:
+            lost = any(a <= t < b for a, b in office_out)
+            soc = max(5.0, soc - 0.2) if lost else min(100.0, soc + 0.05)
+            grid = None if rnd.random() < 0.03 else not lost
+            pv = 200 if 10 <= t.hour < 15 else 0
+            watts_in = None if rnd.random() < 0.05 else (0 if lost else 300) + pv
+            rows.append(reading(t, OFFICE, "rest", grid=grid, soc=soc, watts_in=watts_in,
+                                watts_out=140 + rnd.randrange(20), pv=pv))
+        t += timedelta(seconds=rnd.uniform(20, 40))
+    t, soc = start + timedelta(seconds=7), 90.0
+    while t <= now:
+        lost = t >= now - timedelta(minutes=50)
+        unknown = now - timedelta(minutes=40) <= t < now - timedelta(minutes=35)
+        soc = max(5.0, soc - 0.3) if lost else soc
+        rows.append(reading(t, GARAGE, "bridge" if t.minute % 2 else "nut",
+                            grid=None if unknown else not lost, soc=soc, watts_out=200))
+        t += timedelta(seconds=60)
+    t = start + timedelta(seconds=3)
+    while t <= now:
+        rows.append(reading(t, UPS, "nut", grid=None, soc=None, watts_in=None, watts_out=80))
+        t += timedelta(seconds=15)
+    return rows
+
+
+@pytest.fixture
+def telemetry(db) -> Telemetry:
+    now = db.execute("SELECT now()").fetchone()[0]
+    insert(db, two_days(now))
+    create_raw_views(db)
+    return Telemetry(db, now)
+
+
+def create_raw_views(db) -> None:
+    db.execute("CREATE SCHEMA raw")
+    db.execute("SET search_path = raw, public")
+    db.execute(INITIAL.VIEWS)
+    for name, (bucket, *_policy) in INITIAL.ROLLUPS.items():
+        db.execute(f"CREATE VIEW raw.{name} AS SELECT date_bin(INTERVAL '{bucket}', ts, {ORIGIN})"
+                   f" AS bucket, {INITIAL.ROLLUP_COLUMNS} GROUP BY 1, device_sn")
+    db.execute("SET search_path = public")
+
+
+def refresh(db, settle: str = "1 minute", since: datetime | str | None = None) -> datetime:
+    """Refresh with the watermark `settle` before now: a larger settle stands for an earlier
+    moment, so a test can walk the watermark through the history."""
+    db.execute("UPDATE ecoflow_summary_state SET settle = %s::interval", (settle,))
+    return db.execute("SELECT ecoflow_refresh_summaries(since => %s::timestamptz)",
+                      (since,)).fetchone()[0]
+
+
+def same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-9, abs=1e-9)
+    return a == b
+
+
+def assert_same_rows(got: list[tuple], expected: list[tuple], what: str) -> None:
+    assert len(got) == len(expected), f"{what}: {len(got)} rows, expected {len(expected)}"
+    for g, e in zip(got, expected):
+        assert len(g) == len(e) and all(same(x, y) for x, y in zip(g, e)), (what, g, e)
+
+
+def assert_views_match_raw(db) -> None:
+    with db.transaction():  # one now() for both sides: durations of ongoing outages
+        for view, order in VIEWS.items():
+            got = db.execute(f"SELECT * FROM public.{view} ORDER BY {order}").fetchall()
+            expected = db.execute(f"SELECT * FROM raw.{view} ORDER BY {order}").fetchall()
+            assert expected, f"raw.{view} is empty: the seed does not exercise it"
+            assert_same_rows(got, expected, view)
+
+
+def snapshot(db) -> dict[str, list[tuple]]:
+    return {table: db.execute(f"SELECT * FROM {table} ORDER BY {order}").fetchall()
+            for table, order in SUMMARY_TABLES.items()}
+
+
+def state(db) -> dict:
+    with db.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        return cur.execute("SELECT refreshed_at, refreshed_from FROM ecoflow_summary_state"
+                           ).fetchone()
+
+
+@pytest.mark.parametrize("zone", ["UTC", "Asia/Kolkata"])
+def test_a_first_build_gives_the_answers_of_the_raw_computation(telemetry, zone):
+    refresh(telemetry.db)
+    materialized = telemetry.db.execute("SELECT count(*) FROM ecoflow_summary_1m").fetchone()[0]
+    assert materialized > 2 * 24 * 60  # most of the history, not just the live tail
+    # Kolkata is 5:30 from UTC: midnight splits an hour, whose minutes go to two days.
+    telemetry.db.execute(f"SET TIME ZONE '{zone}'")
+    assert_views_match_raw(telemetry.db)
+
+
+def test_refreshes_that_cut_through_outages_agree_with_raw_and_with_a_rebuild(telemetry):
+    db = telemetry.db
+    # Watermarks inside the office's two longer outages, and in the garage's ongoing one.
+    for settle in ("29 hours 30 minutes", "2 hours 35 minutes", "45 minutes", "1 minute"):
+        refresh(db, settle)
+        assert_views_match_raw(db)
+    # Each call recomputed only a window behind the previous watermark, not the history.
+    assert state(db)["refreshed_from"] > telemetry.now - timedelta(hours=3)
+    incremental = snapshot(db)
+    # A rebuild up to the same watermark (a larger settle keeps it where it is).
+    refresh(db, "1 hour", since="-infinity")
+    rebuilt = snapshot(db)
+    for table in SUMMARY_TABLES:
+        assert_same_rows(rebuilt[table], incremental[table], table)
+
+
+def test_late_rows_in_the_lookback_count_after_the_next_refresh_new_rows_at_once(telemetry):
+    db, now = telemetry.db, telemetry.now
+    db.execute("UPDATE ecoflow_summary_state SET lookback = '3 hours'")
+    watermark = refresh(db, "30 minutes")
+    # Late: office readings 1.5 to 2 hours old between the stored ones, with a short grid loss,
+    # and a garage reading with the grid back that splits its ongoing outage in two.
+    late = [reading(watermark - timedelta(minutes=135) + timedelta(seconds=15 + 30 * i), OFFICE,
+                    "rest", grid=not 20 <= i < 30, watts_in=900) for i in range(80)]
+    late.append(reading(now - timedelta(minutes=45, seconds=30), GARAGE, "bridge", grid=True))
+    # New: a station the refresh has never seen, after the watermark.
+    new = [reading(watermark + timedelta(seconds=20 * i), "NEW-STATION", "app_mqtt",
+                   grid=i % 30 < 20, watts_out=50) for i in range(60)]
+    insert(db, late + new)
+
+    # The new rows are in the views at once, through the live part.
+    fresh = ("SELECT * FROM {}.ecoflow_rollup_1m WHERE device_sn = 'NEW-STATION'"
+             " ORDER BY bucket")
+    assert_same_rows(db.execute(fresh.format("public")).fetchall(),
+                     db.execute(fresh.format("raw")).fetchall(), "new station")
+    assert db.execute(fresh.format("public")).fetchall()
+
+    refresh(db, "30 minutes")
+    assert_views_match_raw(db)
+    episodes = db.execute("SELECT count(*) FROM outages WHERE device_sn = %s AND started_at"
+                          " >= %s", (GARAGE, now - timedelta(hours=1))).fetchone()[0]
+    assert episodes == 2
+
+
+def test_rows_older_than_the_lookback_wait_for_a_refresh_since_their_time(telemetry):
+    db, now = telemetry.db, telemetry.now
+    refresh(db)
+    backfill = now - timedelta(hours=19, minutes=50)  # in the office's 20-minute gap
+    insert(db, [reading(backfill + timedelta(minutes=i), OFFICE, "rest", grid=True,
+                        watts_in=1000) for i in range(5)])
+    day = "SELECT readings, wh_in FROM {}.energy_daily WHERE device_sn = %s AND day = %s"
+    key = (OFFICE, backfill.replace(hour=0, minute=0, second=0, microsecond=0))
+
+    refresh(db)
+    got, expected = (db.execute(day.format(s), key).fetchone() for s in ("public", "raw"))
+    assert got[0] < expected[0]  # older than the lookback: not counted yet
+
+    refresh(db, since=backfill)
+    assert_views_match_raw(db)
+
+
+def test_policy_worker_refreshes_beside_its_loop_and_logs_failures(db, db_url, empty_db_url,
+                                                                  caplog):
+    stop = threading.Event()
+    worker = threading.Thread(target=refresh_summaries, args=(db_url, stop, 0.05))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while state(db)["refreshed_at"] is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert state(db)["refreshed_at"] is not None
+    finally:
+        stop.set()
+        worker.join(10)
+    assert not worker.is_alive()
+
+    # A database without the summaries (not migrated): a warning each round, and it goes on.
+    caplog.set_level(logging.WARNING, logger="ecoflow.policy")
+    stop = threading.Event()
+    worker = threading.Thread(target=refresh_summaries, args=(empty_db_url, stop, 0.05))
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while (sum("summary refresh failed" in r.getMessage() for r in caplog.records) < 2
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        worker.join(10)
+    assert not worker.is_alive()
+    assert sum("summary refresh failed" in r.getMessage() for r in caplog.records) >= 2
+
+
+def test_downgrade_restores_the_views_computed_from_raw_readings(pg_server):
+    names = [f"sum_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    for name in names:
+        pg_server.create_database(name)
+    try:
+        down, reference = (pg_server.settings(n) for n in names)
+        upgrade(down)
+        downgrade(down, "0002")
+        upgrade(reference, "0002")
+
+        def definitions(name):
+            with psycopg.connect(pg_server.url(name)) as conn:
+                views = dict(conn.execute(
+                    "SELECT viewname, definition FROM pg_views WHERE schemaname = 'public'"
+                ).fetchall())
+                tables = {r[0] for r in conn.execute(
+                    "SELECT tablename FROM pg_tables WHERE tablename LIKE 'ecoflow_summary%'")}
+                return views, tables
+
+        (down_views, down_tables), (ref_views, _) = definitions(names[0]), definitions(names[1])
+        assert down_tables == set()
+        assert {"outages", "energy_daily"} <= set(ref_views)
+        assert down_views == ref_views
+    finally:
+        for name in names:
+            pg_server.drop_database(name)
+
+
+@pytest.mark.plain_postgres
+def test_summaries_work_on_plain_postgresql(plain_pg_server):
+    name = f"sum_{uuid.uuid4().hex[:10]}"
+    plain_pg_server.create_database(name)
+    try:
+        upgrade(plain_pg_server.settings(name))
+        with psycopg.connect(plain_pg_server.url(name), autocommit=True) as db:
+            now = db.execute("SELECT now()").fetchone()[0]
+            insert(db, [r for r in two_days(now) if r[0] >= now - timedelta(hours=4)])
+            create_raw_views(db)
+            refresh(db, "2 hours 30 minutes")
+            assert_views_match_raw(db)
+            refresh(db)
+            assert_views_match_raw(db)
+    finally:
+        plain_pg_server.drop_database(name)
+
+
+def test_before_any_refresh_the_views_compute_everything_live(telemetry):
+    assert telemetry.db.execute(
+        "SELECT materialized_until IS NULL FROM ecoflow_summary_state").fetchone() == (True,)
+    assert_views_match_raw(telemetry.db)
