@@ -74,6 +74,18 @@ class Pipeline:
             if reading.online is False:
                 log.info("%s reports device %s offline", source, sn)
                 continue
+            raw_json = reading.raw_json
+            if raw_json is None:
+                try:
+                    raw_json = json.dumps(reading.raw, allow_nan=False, separators=(",", ":"))
+                except (TypeError, ValueError):
+                    raw_json = None
+            if raw_json is None or "\\u0000" in raw_json:
+                # PostgreSQL's jsonb refuses NaN, Infinity and \u0000: such a row would fail
+                # its whole batch on every retry, so the payload goes to ingest_errors instead.
+                return self.dead_letter(source, topic, payload, "payload holds NaN, Infinity or "
+                                        "\\u0000, which PostgreSQL's jsonb cannot store", sn,
+                                        on_commit)
             ts = reading.ts or received_at
             if ts > received_at + MAX_CLOCK_AHEAD:
                 ts = received_at
@@ -82,7 +94,7 @@ class Pipeline:
                 modules = self.writer.snapshots.merge_modules(sn, reading.soc_modules)
                 values["soc_min_percent"] = min(modules.values())
             rows.append(Row(ts=ts, device_sn=sn, source=source, raw_data=reading.raw,
-                            values=values, model=reading.model, raw_json=reading.raw_json))
+                            values=values, model=reading.model, raw_json=raw_json))
 
         self.writer.add_rows(rows, on_commit)
         if self.metrics:

@@ -57,3 +57,28 @@ def _says_offline(payload: bytes) -> bool:
 
     readings = decode(payload, topic="bridge-ecoflow/R351FUZZ000001/data")
     return all(r.online is False for r in readings)
+
+
+def test_payloads_jsonb_cannot_store_are_dead_letters_and_do_not_block_the_batch(db_url, db):
+    """NaN, Infinity and \\u0000 decode in Python but PostgreSQL's jsonb refuses them; one such
+    row must not fail its batch forever."""
+    topic = "bridge-ecoflow/R351FUZZ000002/data"
+    bad = [b'{"params": {"bms_emsStatus.f32LcdShowSoc": NaN}}',
+           b'{"params": {"pd.wattsOutSum": Infinity}}',
+           b'{"params": {"bms_emsStatus.f32LcdShowSoc": 50, "pd.note": "a\\u0000b"}}']
+    good = b'{"params": {"bms_emsStatus.f32LcdShowSoc": 42}}'
+    writer = Writer(db_url)
+    pipeline = Pipeline(writer)
+    acked = []
+    outcomes = [pipeline.handle(p, topic, "bridge", on_commit=lambda i=i: acked.append(i))
+                for i, p in enumerate(bad + [good])]
+    writer.flush()
+    writer.stop()
+    assert outcomes == [0, 0, 0, 1]
+    assert acked == [0, 1, 2, 3]
+    stored = db.execute("SELECT soc_percent FROM ecoflow_measurements WHERE device_sn ="
+                        " 'R351FUZZ000002'").fetchall()
+    assert stored == [(42,)]
+    errors = db.execute("SELECT payload FROM ingest_errors WHERE topic = %s ORDER BY id",
+                        (topic,)).fetchall()
+    assert [bytes(e[0]) for e in errors] == bad

@@ -133,9 +133,14 @@ def _as_json(payload: bytes) -> tuple[Any, str | None]:
         return None, None
     try:
         text = payload.decode("utf-8")
-        return json.loads(text), text
+        # NaN and Infinity are not JSON (PostgreSQL's jsonb refuses them): undecodable.
+        return json.loads(text, parse_constant=_no_constants), text
     except (UnicodeDecodeError, ValueError):
         return None, None
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def _as_base64(payload: bytes) -> bytes | None:
