@@ -212,18 +212,22 @@ def test_late_rows_in_the_lookback_count_after_the_next_refresh_new_rows_at_once
 
 def test_rows_older_than_the_lookback_wait_for_a_refresh_since_their_time(telemetry):
     db, now = telemetry.db, telemetry.now
+    # Twenty minutes around a whole hour nine hours ago go missing, then come back as a backfill
+    # starting on the hour: it also gives the reading before the gap its energy.
+    hour = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=9)
+    db.execute("DELETE FROM ecoflow_measurements WHERE device_sn = %s AND ts >= %s AND ts < %s",
+               (OFFICE, hour - timedelta(minutes=10), hour + timedelta(minutes=10)))
     refresh(db)
-    backfill = now - timedelta(hours=19, minutes=50)  # in the office's 20-minute gap
-    insert(db, [reading(backfill + timedelta(minutes=i), OFFICE, "rest", grid=True,
-                        watts_in=1000) for i in range(5)])
-    day = "SELECT readings, wh_in FROM {}.energy_daily WHERE device_sn = %s AND day = %s"
-    key = (OFFICE, backfill.replace(hour=0, minute=0, second=0, microsecond=0))
+    insert(db, [reading(hour + timedelta(minutes=i), OFFICE, "rest", grid=True, watts_in=1000)
+                for i in range(5)])
+    day = "SELECT readings FROM {}.energy_daily WHERE device_sn = %s AND day = %s"
+    key = (OFFICE, hour.replace(hour=0))
 
     refresh(db)
-    got, expected = (db.execute(day.format(s), key).fetchone() for s in ("public", "raw"))
-    assert got[0] < expected[0]  # older than the lookback: not counted yet
+    got, expected = (db.execute(day.format(s), key).fetchone()[0] for s in ("public", "raw"))
+    assert got < expected  # older than the lookback: not counted yet
 
-    refresh(db, since=backfill)
+    refresh(db, since=hour)
     assert_views_match_raw(db)
 
 
