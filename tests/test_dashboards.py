@@ -153,8 +153,9 @@ def test_expander_writes_macros_and_variables_as_grafana_does():
 
 
 def test_default_ranges_reach_every_rollup_tier():
-    # The tiered panels read raw rows below 1-minute buckets, ecoflow_rollup_1m up to 1-hour
-    # buckets and ecoflow_rollup_1h beyond: the three test ranges land in one tier each.
+    # The tiered panels read raw rows below 1-minute buckets, ecoflow_rollup_1m or
+    # ecoflow_stats_1m up to 1-hour buckets and the 1-hour views beyond: the three test ranges
+    # land in one tier each.
     now = datetime.now(timezone.utc)
     tiers = [auto_interval(now - span, now).total_seconds() for span in RANGES.values()]
     assert tiers[0] < 60 <= tiers[1] < 3600 <= tiers[2]

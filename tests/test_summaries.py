@@ -82,7 +82,7 @@ def two_days(now: datetime) -> list[tuple]:
             watts_in = None if rnd.random() < 0.05 else (0 if lost else 300) + pv
             rows.append(reading(t, OFFICE, "rest", grid=grid, soc=soc, watts_in=watts_in,
                                 watts_out=140 + rnd.randrange(20), pv=pv))
-        t += timedelta(seconds=rnd.uniform(20, 40))
+        t += timedelta(seconds=rnd.uniform(25, 50))
     t, soc = start + timedelta(seconds=7), 90.0
     while t <= now:
         lost = t >= now - timedelta(minutes=50)
@@ -94,7 +94,7 @@ def two_days(now: datetime) -> list[tuple]:
     t = start + timedelta(seconds=3)
     while t <= now:
         rows.append(reading(t, UPS, "nut", grid=None, soc=None, watts_in=None, watts_out=80))
-        t += timedelta(seconds=15)
+        t += timedelta(seconds=45)
     return rows
 
 
@@ -228,6 +228,30 @@ def test_rows_older_than_the_lookback_wait_for_a_refresh_since_their_time(teleme
     assert got < expected  # older than the lookback: not counted yet
 
     refresh(db, since=hour)
+    assert_views_match_raw(db)
+
+
+def test_a_reading_committed_while_a_refresh_runs_counts_once(telemetry):
+    db = telemetry.db
+    refresh(db)
+    # Stand-in for the collector committing a reading just before the new watermark while the
+    # refresh runs: it appears between the refresh's first look at the readings and the next.
+    db.execute(f"""
+        CREATE FUNCTION sneak_in_a_reading() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            INSERT INTO ecoflow_measurements ({', '.join(COLUMNS)})
+            SELECT date_bin('1 minute', now() - settle, {ORIGIN}) - interval '1 ms', '{OFFICE}',
+                   50, 49, 700, 150, 700, 0, true, 25, 'rest', '{{}}'
+              FROM ecoflow_summary_state
+            ON CONFLICT DO NOTHING;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER sneak AFTER DELETE ON ecoflow_summary_1m
+            FOR EACH STATEMENT EXECUTE FUNCTION sneak_in_a_reading();""")
+    refresh(db)
+    db.execute("DROP TRIGGER sneak ON ecoflow_summary_1m")
+    assert db.execute("SELECT count(*) FROM ecoflow_measurements WHERE watts_in_sum = 700"
+                      ).fetchone() == (1,)
     assert_views_match_raw(db)
 
 
