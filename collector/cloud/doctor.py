@@ -18,7 +18,6 @@ import uuid
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from collector.cloud.api import (
     API_HOSTS,
@@ -29,6 +28,7 @@ from collector.cloud.api import (
     host_name,
 )
 from collector.cloud.plan import CloudPlan
+from collector.cloud.sources import cloud_client
 from collector.decoders import DecodeError, decode
 from collector.settings import CollectorSettings
 from servicekit.logging import redact, register_secret
@@ -121,11 +121,7 @@ def mqtt_login(creds: MqttCredentials, client_id: str, ca_file: str | None, time
     done = threading.Event()
     got: list[mqtt.MQTTMessage] = []
     result: dict[str, str | None] = {}
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=mqtt.MQTTv311, clean_session=True)
-    client.username_pw_set(creds.user, creds.password)
-    if creds.protocol in ("mqtts", "ssl", "tls") or creds.port == 8883:
-        client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+    client = cloud_client(client_id, creds, ca_file, persistent=False)
 
     def on_connect(c, _u, _f, reason, _p):
         if reason.is_failure:
@@ -167,7 +163,8 @@ def _stable_id(prefix: str, account: str) -> str:
     return f"{prefix}{hashlib.sha256(account.encode()).hexdigest()[:12]}"
 
 
-def check_developer(report: Report, s: CollectorSettings, plan: CloudPlan) -> None:
+def check_developer(report: Report, s: CollectorSettings, plan: CloudPlan) -> list[str]:
+    """The developer API checks; returns the account's serial numbers ([] when unreadable)."""
     api = OpenApi(plan.open_host, s.ecoflow_access_key or "", s.ecoflow_secret_key or "",
                   ca_file=s.ecoflow_tls_ca)
     key = s.ecoflow_access_key or ""
@@ -180,7 +177,7 @@ def check_developer(report: Report, s: CollectorSettings, plan: CloudPlan) -> No
         report.fail(f"device/list: {exc.code} {exc.message}", exc.advice)
         if exc.code == "8513":
             _probe_regions(report, s, plan.open_host)
-        return
+        return []
     _clock(report, api.http.clock_skew_sec)
     report.ok(f"signed request accepted; {len(devices)} station(s) on the account")
     wanted = set(plan.serials)
@@ -210,7 +207,7 @@ def check_developer(report: Report, s: CollectorSettings, plan: CloudPlan) -> No
         creds = api.certification()
     except EcoflowApiError as exc:
         report.fail(f"certification: {exc.code} {exc.message}", exc.advice)
-        return
+        return [d["sn"] for d in devices]
     register_secret(creds.password)
     report.ok(f"MQTT credentials: {creds.protocol}://{creds.host}:{creds.port} as {creds.user}")
     error, _ = mqtt_login(creds, _stable_id("ecoflow-ups-doctor-", key), s.ecoflow_tls_ca)
@@ -218,6 +215,7 @@ def check_developer(report: Report, s: CollectorSettings, plan: CloudPlan) -> No
         report.fail(f"MQTT login: {error}", _mqtt_advice(error))
     else:
         report.ok("MQTT broker accepted the login over TLS (certificate verified)")
+    return [d["sn"] for d in devices]
 
 
 def check_app(report: Report, s: CollectorSettings, plan: CloudPlan,
@@ -291,14 +289,8 @@ def run(s: CollectorSettings, plan: CloudPlan) -> Report:
                         f"{', '.join(plan.serials) or 'all on the account'}")
     devices = list(plan.serials)
     if plan.developer:
-        check_developer(report, s, plan)
-        if not devices:
-            try:
-                devices = [d["sn"] for d in OpenApi(
-                    plan.open_host, s.ecoflow_access_key or "", s.ecoflow_secret_key or "",
-                    ca_file=s.ecoflow_tls_ca).device_list()]
-            except EcoflowApiError:
-                devices = []
+        listed = check_developer(report, s, plan)
+        devices = devices or listed
     if "app_mqtt" in plan.sources:
         check_app(report, s, plan, devices)
     return report

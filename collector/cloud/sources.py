@@ -53,6 +53,19 @@ class _OnceLog:
             log.info("%s: %s", self.prefix, text)
 
 
+def cloud_client(client_id: str, creds: MqttCredentials, ca_file: str | None,
+                 persistent: bool) -> mqtt.Client:
+    """An MQTT 3.1.1 client for EcoFlow's broker: `persistent` keeps the session and acks by
+    hand; certificate and host name are verified (ECOFLOW_TLS_CA replaces the system CAs)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv311, clean_session=not persistent,
+                         manual_ack=persistent)
+    client.username_pw_set(creds.user, creds.password)
+    if creds.protocol in ("mqtts", "ssl", "tls") or creds.port == 8883:
+        client.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED)
+    return client
+
+
 class DeviceDirectory:
     """The account's stations from `device/list` (or the configured serial numbers), with
     EcoFlow's own online flag: the liveness signal, as quota/all repeats stale values."""
@@ -277,12 +290,7 @@ class CloudMqttSource(_Worker):
 
     def _connect(self, client_id: str, creds: MqttCredentials) -> None:
         self.creds = creds
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                             protocol=mqtt.MQTTv311, clean_session=False, manual_ack=True)
-        client.username_pw_set(creds.user, creds.password)
-        if creds.protocol in ("mqtts", "ssl", "tls") or creds.port == 8883:
-            # Certificate and host name are verified; ECOFLOW_TLS_CA replaces the system CAs.
-            client.tls_set(ca_certs=self.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        client = cloud_client(client_id, creds, self.ca_file, persistent=True)
         client.reconnect_delay_set(min_delay=1, max_delay=120)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect

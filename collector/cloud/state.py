@@ -36,6 +36,6 @@ def open_client_id() -> str:
     return f"ecoflow-ups-{uuid.uuid4().hex[:20]}"
 
 
-def app_client_id(user_id: str) -> Callable[[], str]:
+def app_client_id(user_id: str) -> str:
     # The shape EcoFlow's own app uses; the broker is reported to check the user id part.
-    return lambda: f"ANDROID_{str(uuid.uuid4()).upper()}_{user_id}"
+    return f"ANDROID_{str(uuid.uuid4()).upper()}_{user_id}"

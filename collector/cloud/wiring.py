@@ -47,7 +47,7 @@ def cloud_sources(s: CollectorSettings, db_url: str, pipeline, metrics=None) -> 
             # (both brokers may be one, and one id on two connections would evict each other).
             return state.get_or_create(
                 db_url, state.account_key("app", s.ecoflow_account_user),
-                lambda: state.app_client_id(app.user_id or app.login())())
+                lambda: state.app_client_id(app.user_id or app.login()))
 
         sources.append(AppMqttSource(pipeline, app, directory, app_id, s.ecoflow_tls_ca,
                                      s.ecoflow_latest_quotas_sec))
