@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Test processes: most tests wait on servers and subprocesses, so two workers (each with its
+# own PostgreSQL and Mosquitto) halve the wall time on two cores. TEST_WORKERS=0 runs in one.
+TEST_WORKERS ?= 2
 
 .PHONY: help test demo bench lint migrate proto system-deps venv clean add-mqtt-user
 
@@ -29,7 +32,7 @@ system-deps:
 	@scripts/install-system-deps
 
 test: $(STAMP) system-deps
-	REQUIRE_TIMESCALEDB=1 $(PY) -m pytest $(PYTEST_ARGS)
+	REQUIRE_TIMESCALEDB=1 $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # make demo FOLLOW=1 keeps everything running until Ctrl-C
 demo: $(STAMP) system-deps

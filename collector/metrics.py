@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter as Counter_
 
@@ -35,6 +36,9 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.rows_written = Counter("ecoflow_collector_rows_written", "Rows committed", registry=r)
+        self.rows_rejected = Counter("ecoflow_collector_rows_rejected",
+                                     "Rows the database refused (kept in ingest_errors)",
+                                     registry=r)
         self.batch_seconds = Histogram("ecoflow_collector_batch_write_seconds",
                                        "Time to write one batch", registry=r)
         self.seconds_since = Gauge("ecoflow_seconds_since_last_reading",
@@ -48,6 +52,9 @@ class Metrics:
         # Per-message figures are plain counts and dicts turned into samples when Prometheus
         # scrapes: a labelled counter or gauge takes a lock on every update, and setting a
         # dozen of them per reading cost more than decoding it.
+        # Sources call these from their own threads: the lock keeps every count (uncontended,
+        # it costs well under a microsecond).
+        self._count_lock = threading.Lock()
         self.received_count: Counter_[str] = Counter_()
         self.decoded_count: Counter_[str] = Counter_()
         self.failed_count: Counter_[str] = Counter_()
@@ -56,13 +63,16 @@ class Metrics:
         r.register(_PerMessage(self))
 
     def received(self, source: str) -> None:
-        self.received_count[source] += 1
+        with self._count_lock:
+            self.received_count[source] += 1
 
     def failed(self, source: str) -> None:
-        self.failed_count[source] += 1
+        with self._count_lock:
+            self.failed_count[source] += 1
 
     def decoded(self, source: str, rows: list[Row]) -> None:
-        self.decoded_count[source] += 1
+        with self._count_lock:
+            self.decoded_count[source] += 1
         latest, last_seen = self._latest, self._last_seen
         for row in rows:
             sn = row.device_sn
@@ -108,10 +118,12 @@ class _PerMessage:
         last = GaugeMetricFamily(*LAST_READING_GAUGE, labels=["device"])
         for sn, values in list(m._latest.items()):
             for col, family in families.items():
-                # A column the device never reported reads 0, as a fresh labelled gauge would.
+                # A column the device never reported has no sample: a 0 would read as an
+                # empty battery or a lost grid to an alert rule.
                 value = values.get(col)
-                family.add_metric([sn], 0 if value is None else 1 if value is True
-                                  else 0 if value is False else value)
+                if value is not None:
+                    family.add_metric([sn], 1 if value is True else 0 if value is False
+                                      else value)
             last.add_metric([sn], m._last_seen.get(sn, 0))
         yield from families.values()
         yield last

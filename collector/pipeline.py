@@ -94,7 +94,8 @@ class Pipeline:
                 modules = self.writer.snapshots.merge_modules(sn, reading.soc_modules)
                 values["soc_min_percent"] = min(modules.values())
             rows.append(Row(ts=ts, device_sn=sn, source=source, raw_data=reading.raw,
-                            values=values, model=reading.model, raw_json=raw_json))
+                            values=values, model=reading.model, raw_json=raw_json,
+                            topic=topic, payload=payload))
 
         self.writer.add_rows(rows, on_commit)
         if self.metrics:

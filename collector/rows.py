@@ -15,6 +15,21 @@ VALUE_COLUMNS = (
 )
 TABLE_COLUMNS = ("ts", "device_sn", *VALUE_COLUMNS, "source", "raw_data")
 _VALUE_SET = frozenset(VALUE_COLUMNS)
+_REAL_COLUMNS = frozenset({"soc_percent", "soc_min_percent", "battery_temp_c"})
+_INT_MAX = 2**31 - 1  # PostgreSQL integer
+
+
+def storable(column: str, value: Any) -> bool:
+    """Whether the column's database type can hold the value. A reading outside it (a
+    corrupted or misread field) is treated as not reported: stored, it would be refused, and
+    merged into the snapshot it would be refused again in every later row of the device."""
+    if value is True or value is False:
+        return True
+    if not isinstance(value, int | float):
+        return False
+    if column in _REAL_COLUMNS:  # real: finite, and not so small that it underflows
+        return value == 0 or 1e-30 < abs(value) < 1e30
+    return -_INT_MAX <= value <= _INT_MAX
 SOURCES = ("rest", "open_mqtt", "app_mqtt", "bridge", "nut", "simulator")
 
 
@@ -29,6 +44,9 @@ class Row:
     # The payload's JSON text when raw_data is that text parsed: stored as it came, which
     # spares serializing raw_data again for every row.
     raw_json: str | None = None
+    # Where the row came from, kept for `ingest_errors` should the database refuse the row.
+    topic: str | None = None
+    payload: bytes | None = None
 
     def as_tuple(self) -> tuple:
         return (self.ts, self.device_sn, *map(self.values.get, VALUE_COLUMNS),
@@ -59,7 +77,7 @@ class SnapshotMerger:
         if known is None:
             known = self._known[device_sn] = {}
         for k, v in values.items():
-            if v is not None and k in _VALUE_SET:
+            if v is not None and k in _VALUE_SET and storable(k, v):
                 known[k] = v
         return known.copy()
 

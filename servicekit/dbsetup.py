@@ -90,6 +90,9 @@ DECLARE
   r text := current_setting('ecoflow.ro_user');
   p text := current_setting('ecoflow.ro_password');
 BEGIN
+  -- Roles belong to the whole server: two migrations of different databases at once (test
+  -- workers sharing a server) must not both find the role missing.
+  PERFORM pg_advisory_xact_lock(hashtext('ecoflow readonly role'));
   IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r) THEN
     EXECUTE format('CREATE ROLE %I LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT', r);
   END IF;

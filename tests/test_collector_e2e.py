@@ -275,6 +275,9 @@ def test_metrics_endpoint_exposes_device_gauges_and_health(db_url, mqtt_broker):
     assert 'ecoflow_collector_messages_failed_total{source="bridge"} 1.0' in body
     assert "ecoflow_collector_rows_written_total 3.0" in body
     assert f'ecoflow_seconds_since_last_reading{{device="{SN}"}}' in body
+    # Never reported: no sample at all, rather than a 0 an alert would read as a flat battery.
+    assert f'ecoflow_battery_temp_celsius{{device="{SN}"}}' not in body
+    assert f'ecoflow_grid_connected{{device="{SN}"}}' not in body
 
 
 def test_collector_command_decodes_a_payload_file(tmp_path):

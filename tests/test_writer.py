@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 import psycopg
 import pytest
 
+from collector.metrics import Metrics
 from collector.rows import Row
 from collector.writer import IngestError, Writer
 from servicekit.migrate import upgrade
@@ -64,8 +65,81 @@ def test_redelivered_readings_are_written_once_and_devices_are_upserted(db_url, 
         w.flush()
     assert db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (5,)
     assert (w.rows_written, w.rows_duplicate) == (5, 5)
+    assert w.direct_conflicts == 1  # the second batch met the stored rows on the direct path
     assert db.execute("SELECT model, first_seen, last_seen FROM devices").fetchone() == (
         "DELTA 2", T0, T0 + 4 * S)
+    w.stop()
+
+
+def test_after_a_redelivery_batches_go_through_staging_then_direct_again(db_url, db):
+    w = Writer(db_url)
+    w.add(row(0, soc_percent=1))
+    w.flush()
+    w.add_rows([row(0, soc_percent=1), row(1, soc_percent=2)])  # a redelivery, and a new one
+    w.flush()
+    assert w.direct_conflicts == 1
+    w.add_rows([row(1, soc_percent=2), row(2, soc_percent=3)])  # staged: no second conflict
+    w.flush()
+    assert (w.direct_conflicts, w.rows_written, w.rows_duplicate) == (1, 3, 2)
+    w._staged_until = 0.0  # as if the minute were over
+    w.add_rows([row(2, soc_percent=3), row(3, soc_percent=4)])
+    w.flush()
+    assert (w.direct_conflicts, w.rows_written, w.rows_duplicate) == (2, 4, 3)
+    assert db.execute("SELECT array_agg(soc_percent ORDER BY ts) FROM ecoflow_measurements"
+                      ).fetchone() == ([1, 2, 3, 4],)
+    w.stop()
+
+
+def test_a_reading_repeated_inside_one_batch_is_stored_once_first_wins(db_url, db):
+    w = Writer(db_url)
+    first, again = row(0, soc_percent=40), row(0, soc_percent=41)
+    w.add_rows([first, again, row(1, soc_percent=42)])
+    w.flush()
+    assert (w.rows_written, w.rows_duplicate, w.direct_conflicts) == (2, 1, 0)
+    assert db.execute("SELECT array_agg(raw_data->>'soc_percent' ORDER BY ts)"
+                      " FROM ecoflow_measurements").fetchone() == (["40", "42"],)
+    w.stop()
+
+
+def test_a_reading_the_database_refuses_goes_to_ingest_errors_and_the_rest_is_stored(
+        db_url, db):
+    # Python's json reads a lone surrogate; PostgreSQL's jsonb refuses it. Before the rows
+    # were isolated, such a reading failed its whole batch on every retry.
+    m = Metrics()
+    w = Writer(db_url, metrics=m)
+    acks = []
+    bad = row(3, soc_percent=13)
+    bad.raw_json, bad.topic = '{"name": "\\ud800", "i": 3}', "bridge-ecoflow/SN1/data"
+    bad.payload = bad.raw_json.encode()
+    for i in range(8):
+        r = bad if i == 3 else row(i, soc_percent=10 + i)
+        w.add(r, on_commit=lambda i=i: acks.append(i))
+    w.flush()
+    assert acks == list(range(8))  # the refused reading is handled too: it is an error row
+    assert db.execute("SELECT array_agg(soc_percent ORDER BY ts) FROM ecoflow_measurements"
+                      ).fetchone() == ([10, 11, 12, 14, 15, 16, 17],)
+    [(topic, sn, payload, error)] = db.execute(
+        "SELECT topic, device_sn, payload, error FROM ingest_errors").fetchall()
+    assert (topic, sn, bytes(payload)) == ("bridge-ecoflow/SN1/data", "SN1", bad.payload)
+    assert error.startswith("the database refused the reading: 22P02")
+    assert (w.rows_written, w.rows_rejected, w.rows_duplicate) == (7, 1, 0)
+    assert m.rows_rejected._value.get() == 1
+    # The station's next readings are stored: the refusal did not stick to its snapshot.
+    w.add(row(8, soc_percent=18))
+    w.flush()
+    assert db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (8,)
+    w.stop()
+
+
+def test_values_the_columns_cannot_hold_count_as_not_reported(db_url, db):
+    w = Writer(db_url)
+    w.add(row(0, soc_percent=50, watts_out_sum=120, battery_temp_c=25.0))
+    w.add(row(1, watts_out_sum=10**12, battery_temp_c=1e-45, remain_time_min=-(2**40)))
+    w.flush()
+    assert db.execute("SELECT watts_out_sum, battery_temp_c, remain_time_min,"
+                      " raw_data->>'watts_out_sum' FROM ecoflow_measurements ORDER BY ts"
+                      ).fetchall() == [(120, 25.0, None, "120"), (120, 25.0, None, str(10**12))]
+    assert w.rows_rejected == 0
     w.stop()
 
 

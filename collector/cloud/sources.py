@@ -403,7 +403,7 @@ class AppMqttSource(CloudMqttSource):
         self.api = api
         self.directory = directory
         self.latest_quotas_sec = latest_quotas_sec
-        self._last_request = 0.0
+        self._last_request: float | None = None  # monotonic time; None: ask at once
         self._request_id = int(time.time() * 1000) % 1_000_000_000
         self.requests_sent = 0
 
@@ -417,13 +417,15 @@ class AppMqttSource(CloudMqttSource):
         super().__init__(pipeline, "app_mqtt", api.certification, client_id, topics, ca_file)
 
     def on_connected(self, client: mqtt.Client) -> None:
-        self._last_request = 0.0
+        # Not 0.0: the monotonic clock starts near zero at boot, so "long ago" must be explicit.
+        self._last_request = None
         self._wake.set()
 
     def _tick(self) -> None:
         super()._tick()
         client = self.client
-        if client is None or time.monotonic() - self._last_request < self.latest_quotas_sec:
+        if client is None or (self._last_request is not None and
+                              time.monotonic() - self._last_request < self.latest_quotas_sec):
             return
         self._last_request = time.monotonic()
         for sn in self.directory.serials():
