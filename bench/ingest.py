@@ -268,12 +268,80 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str]:
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2:].split()  # fields from the state on (field 3)
+
+
+def _cpu(pid: int, reaped: bool = False) -> float:
+    """CPU seconds of a process; with `reaped`, also of the children it has waited for."""
+    try:
+        f = _stat(pid)
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    ticks = int(f[11]) + int(f[12])  # utime, stime
+    if reaped:
+        ticks += int(f[13]) + int(f[14])  # cutime, cstime
+    return ticks / _TICK
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int(_stat(int(entry.name))[1]) == pid:
+                    kids.append(int(entry.name))
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                pass
+    return kids
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has spent busy (all cores), from /proc/stat."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+class CpuMeter:
+    """Where the CPU goes during a phase: the broker, PostgreSQL (the postmaster with every
+    backend, also the ones that have ended), the collectors, and the machine in all (the rest
+    is the publishers and this script)."""
+
+    def __init__(self, broker_pid: int, postmaster_pid: int):
+        self.broker_pid, self.postmaster_pid = broker_pid, postmaster_pid
+
+    def sample(self, collector_pids: list[int]) -> dict[str, float]:
+        pg = _cpu(self.postmaster_pid, reaped=True) + sum(
+            _cpu(p) for p in _children(self.postmaster_pid))
+        return {"broker": _cpu(self.broker_pid), "postgres": pg,
+                "collectors": sum(_cpu(p) for p in collector_pids),
+                "machine": _machine_busy(), "wall": time.perf_counter()}
+
+    @staticmethod
+    def per_thousand(before: dict, after: dict, readings: int) -> dict[str, float]:
+        """CPU milliseconds per 1,000 readings for each part, and the machine's load."""
+        d = {k: after[k] - before[k] for k in before}
+        out = {k: round(d[k] * 1e6 / readings, 1)
+               for k in ("broker", "postgres", "collectors", "machine")}
+        out["other"] = round(out["machine"] - out["broker"] - out["postgres"]
+                             - out["collectors"], 1)
+        out["cores_busy"] = round(d["machine"] / d["wall"], 2)
+        return out
+
+
 class Collectors:
     """K collector processes: each gets its share of the stations' topics (or, shared, the
     same shared subscription) and its own client id, so its own persistent session."""
 
-    def __init__(self, url: str, broker: MosquittoServer, k: int, shared: bool):
+    def __init__(self, url: str, broker: MosquittoServer, k: int, shared: bool,
+                 publish_state: bool = False):
         self.url, self.broker, self.k, self.shared = url, broker, k, shared
+        self.publish_state = publish_state
         self.procs: list[subprocess.Popen] = []
         self.rss: list[float] = []
 
@@ -289,8 +357,10 @@ class Collectors:
         for index in range(self.k):
             env = dict(base, DATABASE_URL=self.url, MQTT_HOST=self.broker.host,
                        MQTT_PORT=str(self.broker.port), EXPORTER_PORT="0",
-                       PUBLISH_STATE="false", BATCH_ROWS=str(BATCH_ROWS), LOG_LEVEL="WARNING",
-                       COLLECTOR_CLIENT_ID=f"bench-collector-{self.k}-{index}",
+                       PUBLISH_STATE=str(self.publish_state).lower(),
+                       BATCH_ROWS=str(BATCH_ROWS), LOG_LEVEL="WARNING",
+                       COLLECTOR_CLIENT_ID=f"bench-collector-{self.k}-{index}"
+                                           f"{'-state' if self.publish_state else ''}",
                        BRIDGE_TOPICS=self.topics(index))
             self.procs.append(subprocess.Popen([sys.executable, "-m", "collector"], env=env,
                                                cwd=REPO))
@@ -322,6 +392,9 @@ class Collectors:
                 proc.kill()
                 proc.wait()
         self.procs = []
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
 
     def peak_rss(self) -> float:
         live = [peak_rss_mb(p.pid) for p in self.procs if p.poll() is None]
@@ -357,25 +430,30 @@ def truncate(url: str) -> None:
 
 
 def with_collectors(url: str, broker: MosquittoServer, items: list[tuple[str, bytes]], k: int,
-                    shared: bool, publishers: int) -> dict:
+                    shared: bool, publishers: int, meter: CpuMeter,
+                    publish_state: bool = False) -> dict:
     n = len(items)
-    collectors = Collectors(url, broker, k, shared)
+    collectors = Collectors(url, broker, k, shared, publish_state)
     try:
         # Sessions first (subscribed, then stopped): the broker queues what comes next.
         collectors.start()
         collectors.wait_subscribed()
         collectors.stop()
         truncate(url)
+        before = meter.sample([])
         publisher_rate = publish(broker, items, publishers)
+        publish_cpu = meter.per_thousand(before, meter.sample([]), n)
         collectors.start()
         first, last, at_first = wait_for_rows(url, n)
         drain_rate = (n - at_first) / (last - first) if last > first else float("nan")
 
         truncate(url)  # the same readings again, live: the collectors keep running
+        before = meter.sample(collectors.pids())
         start = time.perf_counter()
         publish(broker, items, publishers)
         _, last, _ = wait_for_rows(url, n)
         e2e_rate = n / (last - start)
+        e2e_cpu = meter.per_thousand(before, meter.sample(collectors.pids()), n)
         with psycopg.connect(url, autocommit=True) as conn:
             stored = _count(conn)
         if stored != n:
@@ -383,10 +461,18 @@ def with_collectors(url: str, broker: MosquittoServer, items: list[tuple[str, by
         rss = collectors.peak_rss()
     finally:
         collectors.stop()
-    return {"collectors": k, "end_to_end_readings_per_sec": round(e2e_rate),
+    # What the machine could carry if the collectors cost nothing: its cores divided by what
+    # the publishers, the broker and PostgreSQL spend per reading.
+    others = e2e_cpu["machine"] - e2e_cpu["collectors"]
+    return {"collectors": k, "publish_state": publish_state,
+            "end_to_end_readings_per_sec": round(e2e_rate),
             "backlog_drain_readings_per_sec": round(drain_rate),
             "publisher_max_per_sec": round(publisher_rate),
-            "collector_peak_rss_mb": round(rss, 1)}
+            "collector_peak_rss_mb": round(rss, 1),
+            "cpu_ms_per_1000_publishing": publish_cpu,
+            "cpu_ms_per_1000_end_to_end": e2e_cpu,
+            "ceiling_with_a_free_collector_per_sec":
+                round((os.cpu_count() or 1) * 1e6 / others) if others > 0 else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -403,15 +489,23 @@ def main(argv: list[str] | None = None) -> int:
                              " splitting the stations by topic")
     parser.add_argument("--publishers", type=int, default=2,
                         help="publisher processes (default 2)")
+    parser.add_argument("--no-state", action="store_true",
+                        help="skip the run with PUBLISH_STATE=true (the collectors' default)")
     args = parser.parse_args(argv)
     ks = [int(k) for k in args.collectors.split(",") if k.strip()]
     items = payloads(args.n)
     rows = decoded_rows(items)
-    with migrated_database("ingest") as (_pg, url), MosquittoServer() as broker:
+    with migrated_database("ingest") as (pg, url), MosquittoServer() as broker:
+        meter = CpuMeter(broker._proc.pid,
+                         int((pg.datadir / "postmaster.pid").read_text().split()[0]))
         per_row = one_insert_per_row(url, rows[: args.insert_sample])
         copy_rate = raw_copy(url, rows)
-        runs = [with_collectors(url, broker, items, k, args.shared, args.publishers)
+        runs = [with_collectors(url, broker, items, k, args.shared, args.publishers, meter)
                 for k in ks]
+        if not args.no_state:
+            # As installed: each reading also published back as its normalized state.
+            runs.append(with_collectors(url, broker, items, 1, args.shared, args.publishers,
+                                        meter, publish_state=True))
     for run in runs:
         run["vs_insert_per_row"] = round(run["end_to_end_readings_per_sec"] / per_row, 1)
         run["vs_raw_copy"] = round(run["end_to_end_readings_per_sec"] / copy_rate, 2)
@@ -433,24 +527,41 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"\nIngest: {args.n} readings from {DEVICES} stations, {args.publishers} publisher"
           f" processes, collectors split {figures['split']}\n")
-    lines = []
+    lines, cpu_lines = [], []
     for run in runs:
         k = run["collectors"]
+        name = f"K={k}" + (", publishing state" if run["publish_state"] else "")
         lines += [
-            (f"publishers alone, into the broker (K={k} offline)",
+            (f"publishers alone, into the broker ({name} offline)",
              f"{run['publisher_max_per_sec']:,}", "", ""),
-            (f"collectors K={k}, backlog drain", f"{run['backlog_drain_readings_per_sec']:,}",
+            (f"collectors {name}, backlog drain", f"{run['backlog_drain_readings_per_sec']:,}",
              "", ""),
-            (f"collectors K={k}, end to end", f"{run['end_to_end_readings_per_sec']:,}",
+            (f"collectors {name}, end to end", f"{run['end_to_end_readings_per_sec']:,}",
              f"{run['vs_insert_per_row']}x / {run['vs_raw_copy']}x",
              f"{run['collector_peak_rss_mb']} MB peak RSS per process"),
         ]
+        for phase, cpu in ((f"publishing alone ({name} offline)",
+                            run["cpu_ms_per_1000_publishing"]),
+                           (f"end to end, {name}", run["cpu_ms_per_1000_end_to_end"])):
+            cpu_lines.append((phase, cpu["broker"], cpu["postgres"], cpu["collectors"],
+                              cpu["other"], cpu["machine"], cpu["cores_busy"]))
     lines += [
         ("one INSERT + commit per row", f"{figures['one_insert_per_row_per_sec']:,}",
          "target >= 10x", ""),
         ("one raw COPY (ceiling)", f"{figures['raw_copy_per_sec']:,}", "target >= 0.5x", ""),
     ]
     print(table(lines, ("path", "readings/s", "vs INSERT / vs COPY", "")))
+    print(f"\nCPU milliseconds per 1,000 readings ({os.cpu_count()} cores; other = the"
+          " publishers and this script)\n")
+    print(table(cpu_lines, ("phase", "broker", "postgres", "collectors", "other", "machine",
+                            "cores busy")))
+    for run in runs:
+        if run["ceiling_with_a_free_collector_per_sec"]:
+            print(f"K={run['collectors']}{' (state)' if run['publish_state'] else ''}: with"
+                  " collectors that cost nothing, the publishers, broker and PostgreSQL alone"
+                  f" would fill the cores at {run['ceiling_with_a_free_collector_per_sec']:,}"
+                  f" readings/s ({run['ceiling_with_a_free_collector_per_sec'] / copy_rate:.2f}x"
+                  " raw COPY)")
     save("ingest", figures)
     return 0
 

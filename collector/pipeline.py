@@ -13,6 +13,7 @@ from datetime import datetime, timedelta, timezone
 
 from collector.decoders import DecodeError, decode, sn_from_topic
 from collector.rows import Row
+from collector.state_out import StateOut
 from collector.writer import IngestError, Writer
 
 log = logging.getLogger(__name__)
@@ -23,11 +24,24 @@ MAX_CLOCK_AHEAD = timedelta(minutes=5)
 
 class Pipeline:
     def __init__(self, writer: Writer, publish_state: Callable[[str, dict], None] | None = None,
-                 metrics=None):
+                 metrics=None, state_interval: float = 1.0):
         self.writer = writer
-        self.publish_state = publish_state
         self.metrics = metrics
         self.names: dict[str, str] = {}
+        self.state_interval = state_interval
+        self.state_out: StateOut | None = None
+        if publish_state:
+            self.publish_states(publish_state)
+
+    def publish_states(self, publish_state: Callable[[str, dict], None]) -> None:
+        """Publish each device's normalized state with `publish_state(topic, state)`, at
+        most once per `state_interval` per device (collector.state_out)."""
+        self.publish_state = publish_state
+        self.state_out = StateOut(self._publish, self.state_interval).start()
+
+    def stop(self) -> None:
+        if self.state_out is not None:
+            self.state_out.stop()
 
     def handle(self, payload: bytes, topic: str | None, source: str,
                on_commit: Callable[[], None] | None = None,
@@ -100,9 +114,9 @@ class Pipeline:
         self.writer.add_rows(rows, on_commit)
         if self.metrics:
             self.metrics.decoded(source, rows)
-        if self.publish_state:
+        if self.state_out is not None:
             for row in rows:
-                self._publish(row)
+                self.state_out.offer(row.device_sn, row)
         return len(rows)
 
     def dead_letter(self, source, topic, payload, reason, sn, on_commit) -> int:

@@ -37,7 +37,8 @@ class Collector:
         self.writer = Writer(db.libpq_url(), batch_rows=settings.batch_rows,
                              flush_interval=settings.flush_interval_sec,
                              max_buffer=settings.max_buffer_rows, metrics=self.metrics)
-        self.pipeline = Pipeline(self.writer, metrics=self.metrics)
+        self.pipeline = Pipeline(self.writer, metrics=self.metrics,
+                                 state_interval=settings.state_interval_sec)
         self.sources: list = []
         self._stop = threading.Event()
 
@@ -50,7 +51,7 @@ class Collector:
             bridge = BridgeSource(self.pipeline, s.mqtt_host, s.mqtt_port, s.topic_list,
                                   s.client_id, s.mqtt_user, s.mqtt_pass, s.mqtt_tls_ca)
             if s.publish_state:
-                self.pipeline.publish_state = bridge.publish_state
+                self.pipeline.publish_states(bridge.publish_state)
             self.sources.append(bridge)
         if "simulator" in s.source_list:
             self.sources.append(Simulator(
@@ -88,8 +89,9 @@ class Collector:
         self.stop()
 
     def stop(self) -> None:
-        # Flush first, so the final acks still go out on the live connections.
+        # Flush first, so the final acks and states still go out on the live connections.
         self.writer.stop()
+        self.pipeline.stop()
         for source in self.sources:
             source.stop()
         log.info("collector stopped: %d rows written, %d duplicates skipped, %d ingest errors",

@@ -24,6 +24,8 @@ class CollectorSettings(BaseSettings):
     client_id: str = Field(default="ecoflow-collector", validation_alias="COLLECTOR_CLIENT_ID")
     bridge_topics: str = Field(default=DEFAULT_BRIDGE_TOPICS, validation_alias="BRIDGE_TOPICS")
     publish_state: bool = Field(default=True, validation_alias="PUBLISH_STATE")
+    state_interval_sec: float = Field(default=1.0, ge=0, le=3600,
+                                      validation_alias="STATE_INTERVAL_SEC")
     batch_rows: int = Field(default=1000, ge=1, le=100_000, validation_alias="BATCH_ROWS")
     flush_interval_sec: float = Field(default=1.0, gt=0, le=60, validation_alias="FLUSH_INTERVAL_SEC")
     max_buffer_rows: int = Field(default=50_000, ge=100, validation_alias="MAX_BUFFER_ROWS")
@@ -140,7 +142,8 @@ ENV_NAMES = {
     "sources": "COLLECTOR_SOURCES", "mqtt_host": "MQTT_HOST", "mqtt_port": "MQTT_PORT",
     "mqtt_user": "MQTT_USER", "mqtt_pass": "MQTT_PASS", "mqtt_tls_ca": "MQTT_TLS_CA",
     "client_id": "COLLECTOR_CLIENT_ID", "bridge_topics": "BRIDGE_TOPICS",
-    "publish_state": "PUBLISH_STATE", "batch_rows": "BATCH_ROWS",
+    "publish_state": "PUBLISH_STATE", "state_interval_sec": "STATE_INTERVAL_SEC",
+    "batch_rows": "BATCH_ROWS",
     "flush_interval_sec": "FLUSH_INTERVAL_SEC", "max_buffer_rows": "MAX_BUFFER_ROWS",
     "exporter_port": "EXPORTER_PORT", "simulator_scenario": "SIMULATOR_SCENARIO",
     "simulator_accel": "SIMULATOR_ACCEL", "simulator_interval_sec": "SIMULATOR_INTERVAL_SEC",

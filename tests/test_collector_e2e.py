@@ -108,6 +108,32 @@ def test_partial_messages_publish_a_complete_normalized_state(collector, mqtt_br
         c.disconnect()
 
 
+def test_a_burst_of_readings_publishes_few_states_ending_at_the_newest(collector, mqtt_broker,
+                                                                        db_url):
+    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    states = []
+    sn = "R351ZFB4HF888888"  # retained states: a serial of its own
+    sub.on_message = lambda _c, _u, m: states.append(json.loads(m.payload))
+    sub.connect(mqtt_broker.host, mqtt_broker.port)
+    sub.subscribe(f"bridge-ecoflow/{sn}/json/state", qos=1)
+    sub.loop_start()
+    time.sleep(0.3)
+    pub = publisher(mqtt_broker.host, mqtt_broker.port)
+    started = time.monotonic()
+    publish_all(pub, f"bridge-ecoflow/{sn}/data",
+                [delta2_push(i, soc=20 + i * 0.25) for i in range(300)])
+    assert wait_rows(db_url, 300) == 300
+    time.sleep(collector.settings.state_interval_sec + 0.5)
+    elapsed = time.monotonic() - started
+    for c in (pub, sub):
+        c.disconnect()
+    # One state per device per second at most (plus the first), not one per reading...
+    assert 1 <= len(states) <= elapsed / collector.settings.state_interval_sec + 2
+    # ...and the retained topic ends at the newest reading.
+    assert states[-1]["soc"] == pytest.approx(20 + 299 * 0.25)
+    assert states[-1]["ts"] == json.loads(delta2_push(299))["timestamp"]
+
+
 def test_batches_fill_without_waiting_for_the_flush_interval(db_url, mqtt_broker, db):
     # The broker's window of unacknowledged messages must hold more than a batch: at 1000
     # (the old fixed window) a batch of 1500 never formed and every write waited a minute.

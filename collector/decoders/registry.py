@@ -133,14 +133,18 @@ def _as_json(payload: bytes) -> tuple[Any, str | None]:
         return None, None
     try:
         text = payload.decode("utf-8")
-        # NaN and Infinity are not JSON (PostgreSQL's jsonb refuses them): undecodable.
-        return json.loads(text, parse_constant=_no_constants), text
+        return _JSON.decode(text), text
     except (UnicodeDecodeError, ValueError):
         return None, None
 
 
 def _no_constants(name: str):
     raise ValueError(f"{name} is not JSON")
+
+
+# NaN and Infinity are not JSON (PostgreSQL's jsonb refuses them): undecodable. One decoder for
+# every payload (json.loads with an option builds a new one per call).
+_JSON = json.JSONDecoder(parse_constant=_no_constants)
 
 
 def _as_base64(payload: bytes) -> bytes | None:
