@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     logsetup.setup()
     overrides = {"config_file": args.config} if getattr(args, "config", None) else {}
     settings = load_settings(**overrides)
-    db_url = load_database_settings().libpq_url()
+    db = load_database_settings()
+    db_url = db.libpq_url()
     command = args.command or "run"
     if command == "run":
-        return run(db_url, settings)
+        return run(db_url, settings, db.retention_days)
     if command == "replay":
         decisions = replay(db_url, settings, _aware(args.start), _aware(args.end), args.step,
                            sync_config=bool(args.config))
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return fire_test(conn, settings, args.agent, args.wait)
 
 
-def run(db_url: str, settings) -> int:
+def run(db_url: str, settings, retention_days: int = 0) -> int:
     with psycopg.connect(db_url, autocommit=True) as conn:
         topo = topology.sync(conn, settings)
     log.info("policy: %d agents on %d stations, SoC threshold %s %%, debounce %s s, "
@@ -80,7 +81,8 @@ def run(db_url: str, settings) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve(db_url, settings, link, Notifier.from_settings(settings), stop)
+        serve(db_url, settings, link, Notifier.from_settings(settings), stop,
+              retention_days=retention_days)
     finally:
         link.stop()
     return 0

@@ -25,6 +25,8 @@ log = logging.getLogger("ecoflow.policy")
 
 READINGS_CHANNEL = "ecoflow_readings"
 SUMMARY_REFRESH_SEC = 60.0
+# Raw readings past RETENTION_DAYS are removed this often where no TimescaleDB policy does it.
+RETENTION_EVERY_SEC = 6 * 3600.0
 ACK_STATUSES = ("received", "scheduled", "executing", "aborted", "rejected", "expired", "dry_run")
 # A later ack never moves a command back (a late "received" after "executing").
 _ACK_RANK = {"pending": 0, "sent": 0, "received": 1, "scheduled": 2, "dry_run": 3,
@@ -485,11 +487,11 @@ def _jsonable(value):
 
 
 def serve(db_url: str, settings: PolicySettings, link: MqttLink, notifier=None,
-          stop: threading.Event | None = None) -> None:
+          stop: threading.Event | None = None, retention_days: int = 0) -> None:
     """Evaluate every POLICY_INTERVAL_SEC and at once when new readings are committed."""
     stop = stop or threading.Event()
     threading.Thread(target=refresh_summaries, args=(db_url, stop), name="summaries",
-                     daemon=True).start()
+                     kwargs={"retention_days": retention_days}, daemon=True).start()
     while not stop.is_set():
         try:
             with psycopg.connect(db_url, autocommit=True) as conn, \
@@ -506,11 +508,15 @@ def serve(db_url: str, settings: PolicySettings, link: MqttLink, notifier=None,
 
 
 def refresh_summaries(db_url: str, stop: threading.Event,
-                      every: float = SUMMARY_REFRESH_SEC) -> None:
+                      every: float = SUMMARY_REFRESH_SEC, retention_days: int = 0,
+                      retention_every: float = RETENTION_EVERY_SEC) -> None:
     """Bring the dashboards' summary tables up to date (ecoflow_refresh_summaries, migration
-    0003) now and then every `every` seconds until `stop`. It runs beside the policy loop on
-    its own connection, so a slow refresh (the first one builds the whole history) never delays
-    a decision; a failure is logged and the next round tries again."""
+    0003) now and then every `every` seconds until `stop`; with `retention_days`, also remove
+    raw readings older than that now and every `retention_every` seconds where no TimescaleDB
+    retention policy does it (servicekit.dbsetup.enforce_retention). It runs beside the policy
+    loop on its own connection, so a slow refresh (the first one builds the whole history)
+    never delays a decision; a failure is logged and the next round tries again."""
+    retained_at: float | None = None
     while not stop.is_set():
         try:
             with psycopg.connect(db_url, autocommit=True) as conn:
@@ -518,7 +524,33 @@ def refresh_summaries(db_url: str, stop: threading.Event,
         except Exception as exc:  # whatever it is, the policy loop goes on
             log.warning("summary refresh failed (views stay correct, reading more raw rows): %s",
                         exc)
+        if retention_days > 0 and (retained_at is None
+                                   or time.monotonic() - retained_at >= retention_every):
+            retained_at = time.monotonic()
+            try:
+                log.info("retention: %s", enforce_retention_now(db_url, retention_days))
+            except Exception as exc:
+                log.warning("retention failed (next try in %.0f h): %s", retention_every / 3600,
+                            exc)
         stop.wait(every)
+
+
+def enforce_retention_now(db_url: str, days: int) -> str:
+    """Remove raw readings older than `days` days, unless a TimescaleDB retention policy (the
+    community license) already does; returns what was done."""
+    from sqlalchemy import create_engine
+
+    from servicekit import dbsetup
+
+    scheme, rest = db_url.split("://", 1)  # a libpq URL (DatabaseSettings.libpq_url)
+    engine = create_engine(f"postgresql+psycopg://{rest}")
+    try:
+        with engine.begin() as conn:
+            if dbsetup.flavour(conn).community:
+                return "left to TimescaleDB's retention policy"
+            return dbsetup.enforce_retention(conn, days)
+    finally:
+        engine.dispose()
 
 
 def _wait_for_readings(listener: psycopg.Connection, interval: float,

@@ -337,3 +337,29 @@ def test_before_any_refresh_the_views_compute_everything_live(telemetry):
     assert telemetry.db.execute(
         "SELECT materialized_until IS NULL FROM ecoflow_summary_state").fetchone() == (True,)
     assert_views_match_raw(telemetry.db)
+
+
+def test_policy_worker_enforces_retention_where_no_timescaledb_policy_does(db, db_url, caplog):
+    # The Apache build here has no retention policy: the worker's housekeeping removes raw
+    # readings past RETENTION_DAYS itself, at start and then every few hours.
+    now = db.execute("SELECT now()").fetchone()[0]
+    insert(db, [reading(now - timedelta(days=400), OFFICE, "bridge", grid=True),
+                reading(now - timedelta(days=10), OFFICE, "bridge", grid=True),
+                reading(now - timedelta(minutes=1), OFFICE, "bridge", grid=True)])
+    caplog.set_level(logging.INFO, logger="ecoflow.policy")
+    stop = threading.Event()
+    worker = threading.Thread(target=refresh_summaries, args=(db_url, stop, 0.05),
+                              kwargs={"retention_days": 30, "retention_every": 3600})
+    worker.start()
+    try:
+        deadline = time.monotonic() + 20
+        while (db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone()[0] > 2
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        time.sleep(0.3)  # several refresh rounds: retention is not run again inside the hour
+    finally:
+        stop.set()
+        worker.join(10)
+    assert db.execute("SELECT count(*), min(ts) > now() - interval '30 days'"
+                      " FROM ecoflow_measurements").fetchone() == (2, True)
+    assert sum(r.getMessage().startswith("retention: ") for r in caplog.records) == 1
