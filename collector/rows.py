@@ -15,6 +15,7 @@ VALUE_COLUMNS = (
 )
 TABLE_COLUMNS = ("ts", "device_sn", *VALUE_COLUMNS, "source", "raw_data")
 _VALUE_SET = frozenset(VALUE_COLUMNS)
+SOURCES = ("rest", "open_mqtt", "app_mqtt", "bridge", "nut", "simulator")
 _REAL_COLUMNS = frozenset({"soc_percent", "soc_min_percent", "battery_temp_c"})
 _INT_MAX = 2**31 - 1  # PostgreSQL integer
 
@@ -30,7 +31,6 @@ def storable(column: str, value: Any) -> bool:
     if column in _REAL_COLUMNS:  # real: finite, and not so small that it underflows
         return value == 0 or 1e-30 < abs(value) < 1e30
     return -_INT_MAX <= value <= _INT_MAX
-SOURCES = ("rest", "open_mqtt", "app_mqtt", "bridge", "nut", "simulator")
 
 
 @dataclass(slots=True)

@@ -542,7 +542,7 @@ def enforce_retention_now(db_url: str, days: int) -> str:
 
     from servicekit import dbsetup
 
-    scheme, rest = db_url.split("://", 1)  # a libpq URL (DatabaseSettings.libpq_url)
+    _scheme, rest = db_url.split("://", 1)  # a libpq URL (DatabaseSettings.libpq_url)
     engine = create_engine(f"postgresql+psycopg://{rest}")
     try:
         with engine.begin() as conn:

@@ -82,3 +82,32 @@ def test_payloads_jsonb_cannot_store_are_dead_letters_and_do_not_block_the_batch
     errors = db.execute("SELECT payload FROM ingest_errors WHERE topic = %s ORDER BY id",
                         (topic,)).fetchall()
     assert [bytes(e[0]) for e in errors] == bad
+
+
+def test_readings_the_database_refuses_or_cannot_hold_lose_nothing(db_url, db):
+    """A lone surrogate escape decodes in Python and is refused by jsonb only when the row is
+    written: the row goes to ingest_errors with its payload and the rest of the batch is
+    stored. A power no integer column holds counts as not reported."""
+    topic = "bridge-ecoflow/R351FUZZ000003/data"
+    payloads = [b'{"timestamp": 1767225600000, "params": {"bms_emsStatus.f32LcdShowSoc": 50,'
+                b' "pd.wattsOutSum": 120}}',
+                b'{"timestamp": 1767225601000, "params": {"bms_emsStatus.f32LcdShowSoc": 51,'
+                b' "pd.wattsOutSum": 1e15}}',
+                b'{"timestamp": 1767225602000, "params": {"bms_emsStatus.f32LcdShowSoc": 52,'
+                b' "pd.name": "\\ud800"}}',
+                b'{"timestamp": 1767225603000, "params": {"bms_emsStatus.f32LcdShowSoc": 53}}']
+    writer = Writer(db_url)
+    pipeline = Pipeline(writer)
+    acked = []
+    for i, p in enumerate(payloads):
+        pipeline.handle(p, topic, "bridge", on_commit=lambda i=i: acked.append(i))
+    writer.flush()
+    writer.stop()
+    assert acked == [0, 1, 2, 3]
+    assert db.execute("SELECT soc_percent, watts_out_sum FROM ecoflow_measurements"
+                      " WHERE device_sn = 'R351FUZZ000003' ORDER BY ts").fetchall() == [
+        (50, 120), (51, 120), (53, 120)]
+    [(payload, error)] = db.execute("SELECT payload, error FROM ingest_errors WHERE topic = %s",
+                                    (topic,)).fetchall()
+    assert bytes(payload) == payloads[2]
+    assert "the database refused the reading" in error
