@@ -121,3 +121,38 @@ def test_mosquitto_accepts_the_generated_password_file(compose_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_add_mqtt_user_writes_a_user_the_compose_broker_can_read(tmp_path):
+    import os
+
+    passwd = tmp_path / "compose" / "mosquitto" / "passwd"
+    passwd.parent.mkdir(parents=True)
+    mosquitto_passwd = shutil.which("mosquitto_passwd") or str(
+        Path(find_mosquitto()).parent / "mosquitto_passwd")
+    env = dict(os.environ, MQTT_NEW_PASSWORD="s3cret-for-nas",
+               PATH=f"{Path(mosquitto_passwd).parent}:{os.environ['PATH']}")
+    out = subprocess.run([str(REPO / "scripts" / "add-mqtt-user"), "nas-01", str(passwd)],
+                         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "s3cret-for-nas" not in out.stdout + out.stderr
+    st = passwd.stat()
+    if os.geteuid() == 0:  # the container's broker (uid 1883) owns it
+        assert (st.st_uid, st.st_mode & 0o777) == (1883, 0o600)
+    else:  # readable by the container's broker
+        assert st.st_mode & 0o777 == 0o644
+    port = free_port()
+    conf = tmp_path / "mosquitto.conf"
+    conf.write_text(f"per_listener_settings false\nallow_anonymous false\n"
+                    f"password_file {passwd}\nlistener {port} 127.0.0.1\n"
+                    f"user {getpass.getuser()}\n")
+    proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_port(port)
+        assert _login(port, "nas-01", "s3cret-for-nas")
+        assert not _login(port, "nas-01", "wrong")
+    finally:
+        proc.terminate()
+        proc.wait(10)
