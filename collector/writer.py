@@ -188,7 +188,7 @@ class Writer:
                 except Exception:
                     log.exception("sending the acknowledgements of a committed batch failed")
 
-    def _write(self, rows: list[Row], errors: list[IngestError]) -> int:
+    def _write(self, rows: list[Row], errors: list[IngestError]) -> None:
         conn = self._connect()
         with conn.transaction(), conn.cursor() as cur:
             inserted, refused = 0, []
@@ -218,7 +218,6 @@ class Writer:
         for row, exc in refused:
             log.warning("the database refused a reading of %s at %s (%s); kept in ingest_errors",
                         row.device_sn, row.ts.isoformat(), _reason(exc))
-        return inserted
 
     def _insert(self, cur: psycopg.Cursor, rows: list[Row], refused: list) -> int:
         """Store `rows` (no two with the same device and time); returns how many were new.

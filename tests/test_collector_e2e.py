@@ -85,15 +85,21 @@ def test_undecodable_payloads_go_to_ingest_errors_and_the_collector_carries_on(
     pub.disconnect()
 
 
-def test_partial_messages_publish_a_complete_normalized_state(collector, mqtt_broker, db_url):
+def state_subscriber(broker, sn: str) -> tuple[mqtt.Client, list[dict]]:
+    """A client collecting the normalized states published for `sn` (subscribed and settled)."""
     sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    states = []
-    sn = "R351ZFB4HF999999"  # states are retained: a serial of its own keeps earlier tests out
+    states: list[dict] = []
     sub.on_message = lambda _c, _u, m: states.append(json.loads(m.payload))
-    sub.connect(mqtt_broker.host, mqtt_broker.port)
+    sub.connect(broker.host, broker.port)
     sub.subscribe(f"bridge-ecoflow/{sn}/json/state", qos=1)
     sub.loop_start()
     time.sleep(0.3)
+    return sub, states
+
+
+def test_partial_messages_publish_a_complete_normalized_state(collector, mqtt_broker, db_url):
+    sn = "R351ZFB4HF999999"  # states are retained: a serial of its own keeps earlier tests out
+    sub, states = state_subscriber(mqtt_broker, sn)
     pub = publisher(mqtt_broker.host, mqtt_broker.port)
     topic = f"bridge-ecoflow/{sn}/data"
     publish_all(pub, topic, [delta2_push(0, soc=70)])
@@ -110,14 +116,8 @@ def test_partial_messages_publish_a_complete_normalized_state(collector, mqtt_br
 
 def test_a_burst_of_readings_publishes_few_states_ending_at_the_newest(collector, mqtt_broker,
                                                                         db_url):
-    sub = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    states = []
     sn = "R351ZFB4HF888888"  # retained states: a serial of its own
-    sub.on_message = lambda _c, _u, m: states.append(json.loads(m.payload))
-    sub.connect(mqtt_broker.host, mqtt_broker.port)
-    sub.subscribe(f"bridge-ecoflow/{sn}/json/state", qos=1)
-    sub.loop_start()
-    time.sleep(0.3)
+    sub, states = state_subscriber(mqtt_broker, sn)
     pub = publisher(mqtt_broker.host, mqtt_broker.port)
     started = time.monotonic()
     publish_all(pub, f"bridge-ecoflow/{sn}/data",

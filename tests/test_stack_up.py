@@ -4,6 +4,7 @@ real Mosquitto accepts."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import shutil
@@ -101,26 +102,34 @@ def _login(port: int, user: str, password: str) -> bool:
     return result.get("ok", False)
 
 
-def test_mosquitto_accepts_the_generated_password_file(compose_dir, tmp_path):
-    assert run(compose_dir).returncode == 0
-    values = env_values(compose_dir / ".env")
+@contextlib.contextmanager
+def broker_with(tmp_path: Path, passwd: Path, *extra: str):
+    """A real Mosquitto that only admits the users of `passwd`; yields its port."""
     port = free_port()
     conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"per_listener_settings false\nallow_anonymous false\n"
-                    f"password_file {compose_dir / 'mosquitto' / 'passwd'}\n"
-                    f"acl_file {compose_dir / 'mosquitto' / 'acl'}\n"
-                    f"listener {port} 127.0.0.1\nuser {getpass.getuser()}\n")
+    conf.write_text("\n".join(["per_listener_settings false", "allow_anonymous false",
+                               f"password_file {passwd}", *extra,
+                               f"listener {port} 127.0.0.1", f"user {getpass.getuser()}"])
+                    + "\n")
     proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_port(port)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_mosquitto_accepts_the_generated_password_file(compose_dir, tmp_path):
+    assert run(compose_dir).returncode == 0
+    values = env_values(compose_dir / ".env")
+    with broker_with(tmp_path, compose_dir / "mosquitto" / "passwd",
+                     f"acl_file {compose_dir / 'mosquitto' / 'acl'}") as port:
         assert _login(port, "policy", values["POLICY_MQTT_PASS"])
         assert _login(port, "collector", values["COLLECTOR_MQTT_PASS"])
         assert _login(port, "demo-host", values["DEMO_AGENT_MQTT_PASS"])
         assert not _login(port, "policy", values["COLLECTOR_MQTT_PASS"])
-    finally:
-        proc.terminate()
-        proc.wait(10)
 
 
 def test_add_mqtt_user_writes_a_user_the_compose_broker_can_read(tmp_path):
@@ -142,17 +151,6 @@ def test_add_mqtt_user_writes_a_user_the_compose_broker_can_read(tmp_path):
         assert (st.st_uid, st.st_mode & 0o777) == (1883, 0o600)
     else:  # readable by the container's broker
         assert st.st_mode & 0o777 == 0o644
-    port = free_port()
-    conf = tmp_path / "mosquitto.conf"
-    conf.write_text(f"per_listener_settings false\nallow_anonymous false\n"
-                    f"password_file {passwd}\nlistener {port} 127.0.0.1\n"
-                    f"user {getpass.getuser()}\n")
-    proc = subprocess.Popen([find_mosquitto(), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for_port(port)
+    with broker_with(tmp_path, passwd) as port:
         assert _login(port, "nas-01", "s3cret-for-nas")
         assert not _login(port, "nas-01", "wrong")
-    finally:
-        proc.terminate()
-        proc.wait(10)
