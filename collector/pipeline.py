@@ -109,7 +109,7 @@ class Pipeline:
                 values["soc_min_percent"] = min(modules.values())
             rows.append(Row(ts=ts, device_sn=sn, source=source, raw_data=reading.raw,
                             values=values, model=reading.model, raw_json=raw_json,
-                            topic=topic, payload=payload))
+                            topic=topic, payload=payload, received_at=received_at))
 
         self.writer.add_rows(rows, on_commit)
         if self.metrics:

@@ -6,14 +6,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-# Decoded columns of ecoflow_measurements, in table order (ts, device_sn, source and raw_data
-# are set separately).
+# Decoded columns of ecoflow_measurements, in table order (ts, device_sn, source, raw_data and
+# received_at are set separately).
 VALUE_COLUMNS = (
     "soc_percent", "soc_min_percent", "remain_time_min", "watts_in_sum", "watts_out_sum",
     "ac_in_watts", "ac_out_watts", "dc_out_watts", "typec_out_watts", "usb_out_watts",
     "pv_in_watts", "grid_connected", "battery_temp_c",
 )
-TABLE_COLUMNS = ("ts", "device_sn", *VALUE_COLUMNS, "source", "raw_data")
+TABLE_COLUMNS = ("ts", "device_sn", *VALUE_COLUMNS, "source", "raw_data", "received_at")
 _VALUE_SET = frozenset(VALUE_COLUMNS)
 SOURCES = ("rest", "open_mqtt", "app_mqtt", "bridge", "nut", "simulator")
 _REAL_COLUMNS = frozenset({"soc_percent", "soc_min_percent", "battery_temp_c"})
@@ -47,10 +47,13 @@ class Row:
     # Where the row came from, kept for `ingest_errors` should the database refuse the row.
     topic: str | None = None
     payload: bytes | None = None
+    # When the collector received it, by the collector's clock: what the policy measures a
+    # station's age with (SAFETY S1), whatever the station's own clock says. None: at `ts`.
+    received_at: datetime | None = None
 
     def as_tuple(self) -> tuple:
         return (self.ts, self.device_sn, *map(self.values.get, VALUE_COLUMNS),
-                self.source, self.raw_data)
+                self.source, self.raw_data, self.received_at)
 
 
 class SnapshotMerger:

@@ -315,7 +315,8 @@ def _copy(cur: psycopg.Cursor, statement: str, rows: list[Row]) -> None:
         for row in rows:
             get = row.values.get
             write((row.ts, row.device_sn, *map(get, VALUE_COLUMNS), row.source,
-                   row.raw_json if row.raw_json is not None else Jsonb(row.raw_data)))
+                   row.raw_json if row.raw_json is not None else Jsonb(row.raw_data),
+                   row.received_at))
 
 
 def _staged(cur: psycopg.Cursor, rows: list[Row]) -> int:

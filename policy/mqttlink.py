@@ -47,7 +47,9 @@ class MqttLink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
-        self._client.reconnect_delay_set(1, 30)
+        # Back within a couple of seconds of the broker's return: a shutdown decided during a
+        # broker outage must not wait for a long back-off.
+        self._client.reconnect_delay_set(1, 2)
         self._host, self._port = host, port
 
     @classmethod
@@ -76,7 +78,11 @@ class MqttLink:
         self._client.loop_stop()
 
     def publish_command(self, agent: str, payload: dict, expiry_sec: int) -> bool:
-        """QoS 1, never retained, MQTT v5 message expiry; False when not handed to the broker."""
+        """QoS 1, never retained, MQTT v5 message expiry; False when not handed to the broker.
+        Nothing is handed to the client while disconnected: paho would queue every copy and
+        deliver them all on reconnect."""
+        if not self.connected.is_set():
+            return False
         props = Properties(PacketTypes.PUBLISH)
         props.MessageExpiryInterval = max(1, int(expiry_sec))
         info = self._client.publish(

@@ -28,9 +28,16 @@ SUMMARY_REFRESH_SEC = 60.0
 # Raw readings past RETENTION_DAYS are removed this often where no TimescaleDB policy does it.
 RETENTION_EVERY_SEC = 6 * 3600.0
 ACK_STATUSES = ("received", "scheduled", "executing", "aborted", "rejected", "expired", "dry_run")
-# A later ack never moves a command back (a late "received" after "executing").
-_ACK_RANK = {"pending": 0, "sent": 0, "received": 1, "scheduled": 2, "dry_run": 3,
-             "executing": 3, "aborted": 4, "rejected": 4, "expired": 4}
+# A command's state is its most advanced genuine ack, whatever order the acks arrive in and
+# however often each is repeated: every status has its own rank and a later ack never moves a
+# command back. What an agent did with a command (received ... aborted) outranks a refusal: a
+# redelivery of a command the agent already acted on can come back "expired" (it arrived
+# late) and must not undo "scheduled". Our own "expired" (no ack before the TTL) is the lowest
+# of all, so any genuine ack that comes late still counts.
+_ACK_RANK = {"pending": 0, "sent": 0, "expired": 1, "rejected": 2, "received": 3,
+             "scheduled": 4, "dry_run": 5, "executing": 6, "aborted": 7}
+# A shutdown the agent took and acted on (the host is, or was, going down).
+_ACTED_ON = ("received", "scheduled", "executing")
 
 INSERT_EVENT = """
 INSERT INTO policy_events (ts, kind, device_sn, agent_id, episode_id, command_id, trigger,
@@ -41,10 +48,10 @@ VALUES (%(ts)s, %(kind)s, %(device_sn)s, %(agent_id)s, %(episode_id)s, %(command
 
 INSERT_COMMAND = """
 INSERT INTO commands (id, agent_id, action, episode_id, cancels_id, reason, delay_sec, ttl_sec,
-                      issued_at, expires_at, payload)
+                      issued_at, expires_at, payload, attempt)
 VALUES (%(id)s, %(agent)s, %(action)s, nullif(%(episode_id)s, ''), %(cancels_id)s, %(reason)s,
         %(delay_sec)s, %(ttl_sec)s, %(now)s, %(now)s + make_interval(secs => %(ttl_sec)s),
-        %(payload)s)
+        %(payload)s, %(attempt)s)
 ON CONFLICT DO NOTHING
 RETURNING id
 """
@@ -52,10 +59,25 @@ RETURNING id
 SHUTDOWN_IN_EPISODES = """
 SELECT id, episode_id, status, delay_sec, coalesce(first_sent_at, issued_at) AS sent_at,
        EXISTS (SELECT 1 FROM commands a WHERE a.action = 'abort' AND a.cancels_id = c.id)
-           AS aborted
+           AS aborted,
+       attempt, send_count, acked_at
   FROM commands c
  WHERE agent_id = %(agent)s AND action = 'shutdown' AND episode_id = ANY(%(episodes)s)
- ORDER BY issued_at DESC
+ ORDER BY issued_at DESC, attempt DESC
+"""
+
+# Whether the agent went offline and came back online after `since` (a host that halted and
+# was booted again), and is online now.
+BACK_ONLINE_SINCE = """
+SELECT s.online AND EXISTS (
+           SELECT 1 FROM policy_events off
+            WHERE off.agent_id = s.agent_id AND off.kind = 'agent_offline'
+              AND off.ts >= %(since)s
+              AND EXISTS (SELECT 1 FROM policy_events back
+                           WHERE back.agent_id = s.agent_id AND back.kind = 'agent_online'
+                             AND back.ts >= off.ts))
+  FROM agent_status s
+ WHERE s.agent_id = %(agent)s
 """
 
 DUE_FOR_SENDING = """
@@ -87,11 +109,17 @@ VALUES (%(id)s, %(agent)s, %(status)s, %(host)s, to_timestamp(%(ts)s), %(now)s, 
         %(payload)s)
 """
 
+# The first ack of any kind stops the re-sends (acked_at, ack_status); the state and the
+# ack_* columns move only forward, to the most advanced genuine ack (_ACK_RANK).
 APPLY_ACK = """
 UPDATE commands
-   SET status = CASE WHEN %(rank)s >= %(current_rank)s THEN %(status)s ELSE status END,
+   SET status = CASE WHEN %(advance)s THEN %(status)s ELSE status END,
        acked_at = coalesce(acked_at, %(now)s),
-       ack_status = %(status)s, ack_host = %(host)s, ack_detail = %(detail)s
+       ack_status = CASE WHEN %(advance)s OR ack_status IS NULL THEN %(status)s
+                         ELSE ack_status END,
+       ack_host = CASE WHEN %(advance)s OR ack_status IS NULL THEN %(host)s ELSE ack_host END,
+       ack_detail = CASE WHEN %(advance)s OR ack_status IS NULL THEN %(detail)s
+                         ELSE ack_detail END
  WHERE id = %(id)s
 """
 
@@ -166,20 +194,36 @@ class Worker:
         shutdowns = self.conn.execute(
             SHUTDOWN_IN_EPISODES, {"agent": view.agent_id, "episodes": episodes}
         ).fetchall() if episodes else []
-        if view.shutdown_due and not shutdowns:
-            self.send_shutdown(view, now)
-            return
+        if view.shutdown_due:
+            if not shutdowns:
+                self.send_shutdown(view, now)
+                return
+            again = self._reissue_reason(view.agent_id, shutdowns[0], now)
+            if again:
+                self.send_shutdown(view, now, again_after=shutdowns[0], because=again)
+                return
         if not (view.power_back and shutdowns):
             return
-        cmd_id, episode_id, status, delay_sec, sent_at, aborted = shutdowns[0]
-        if aborted or status in ("rejected", "expired", "aborted"):
-            return
-        commit_point = sent_at + timedelta(seconds=delay_sec)
-        # An agent that says it is executing has passed its own commit point, whatever our
-        # clock says; it would refuse the abort.
-        if now < commit_point and status != "executing":
-            self.send_abort(view, cmd_id, episode_id, now)
-        elif not self._event_exists("power_returned_after_commit", cmd_id):
+        # Abort every shutdown of these episodes that may still be waiting on the host: also
+        # one whose acks were lost or came back as a redelivery's "duplicate", or that expired
+        # unacknowledged (the host may have taken it and lost the ack). An agent that never
+        # had it answers the abort "no pending shutdown", which costs nothing.
+        cancel, committed = [], []
+        for cmd_id, episode_id, status, delay_sec, sent_at, aborted, *_ in shutdowns:
+            if aborted:
+                continue
+            commit_point = sent_at + timedelta(seconds=delay_sec)
+            # An agent that says it is executing has passed its own commit point, whatever
+            # our clock says; it would refuse the abort.
+            if now < commit_point and status != "executing":
+                cancel.append((cmd_id, episode_id))
+            elif status != "rejected":  # taken, or maybe taken with its ack lost
+                committed.append((cmd_id, episode_id, commit_point))
+        if cancel:
+            self.send_abort(view, cancel, now)
+        for cmd_id, episode_id, commit_point in committed:
+            if self._event_exists("power_returned_after_commit", cmd_id):
+                continue
             # S11: too late to cancel; record it so the operator knows the host went down
             # although the grid came back.
             self.event(now, "power_returned_after_commit", agent_id=view.agent_id,
@@ -188,11 +232,37 @@ class Worker:
             self.alert(now, f"power-after-commit:{cmd_id}", "power",
                        f"{view.agent_id}: power returned after its shutdown was committed")
 
+    def _reissue_reason(self, agent_id: str, latest, now: datetime) -> str | None:
+        """Why the episode's latest shutdown no longer protects the host while a shutdown is
+        still due, or None. Two cases get a new command (new id, same episode, next attempt):
+        every send expired unacknowledged (the host was offline, or unreachable, for longer
+        than the TTL: it gets the new one when it comes back), and a host that halted and
+        booted again inside the episode while the battery is still critical (as upsmon would,
+        it is shut down again, with a fresh abort window). A genuine refusal (bad signature,
+        wrong agent) is never repeated: it alerts, and a repeat would be refused the same."""
+        cmd_id, _episode, status, delay_sec, sent_at, aborted, _attempt, sends, acked_at = latest
+        if aborted:
+            return None
+        if status == "expired" and acked_at is None:
+            return f"shutdown {cmd_id} expired unacknowledged after {sends} sends"
+        if status in _ACTED_ON:
+            commit_point = (acked_at or sent_at) + timedelta(seconds=delay_sec)
+            back = self.conn.execute(BACK_ONLINE_SINCE,
+                                     {"agent": agent_id, "since": commit_point}).fetchone()
+            if back and back[0]:
+                return (f"host back online after shutdown {cmd_id} (commit point "
+                        f"{commit_point:%H:%M:%S}) with the battery still critical")
+        return None
+
     # -- commands -------------------------------------------------------------------------
-    def send_shutdown(self, view: AgentView, now: datetime) -> str | None:
+    def send_shutdown(self, view: AgentView, now: datetime, again_after=None,
+                      because: str = "") -> str | None:
         first = view.fired[0]
-        episode = first["episode_id"] or (
-            f"{first['device_sn']}-{int(first['on_battery_since'].timestamp())}")
+        if again_after is not None:
+            episode, attempt = again_after[1], again_after[6] + 1
+        else:
+            episode, attempt = first["episode_id"] or (
+                f"{first['device_sn']}-{int(first['on_battery_since'].timestamp())}"), 1
         delay = (view.shutdown_delay_sec if view.shutdown_delay_sec is not None
                  else self.settings.shutdown_delay_sec)
         reason = trigger_reason(first)
@@ -201,23 +271,43 @@ class Worker:
         cmd = Command(view.agent_id, "shutdown", delay, self.settings.command_ttl_sec,
                       int(now.timestamp()), episode, "", reason)
         with self.conn.transaction():
-            if not self.create_command(cmd, now):
-                return None  # another worker (or an earlier run) already has this episode
-            self.event(now, "trigger_fired", device_sn=first["device_sn"],
-                       agent_id=view.agent_id, episode_id=episode, command_id=cmd.id,
-                       trigger=first["trigger"], message=cmd.reason,
-                       details=_trigger_values(first, view))
+            if not self.create_command(cmd, now, attempt=attempt):
+                return None  # another worker (or an earlier run) already has this attempt
+            details = _trigger_values(first, view)
+            if again_after is not None:
+                details.update(attempt=attempt, replaces=str(again_after[0]), why=because)
+                self.event(now, "command_reissued", device_sn=first["device_sn"],
+                           agent_id=view.agent_id, episode_id=episode, command_id=cmd.id,
+                           trigger=first["trigger"], message=f"{because}: {cmd.reason}",
+                           details=details)
+            else:
+                self.event(now, "trigger_fired", device_sn=first["device_sn"],
+                           agent_id=view.agent_id, episode_id=episode, command_id=cmd.id,
+                           trigger=first["trigger"], message=cmd.reason, details=details)
+        if again_after is not None:
+            log.warning("shutdown %s again (attempt %d): %s", view.agent_id, attempt, because)
+            return cmd.id
         log.warning("shutdown %s: %s", view.agent_id, cmd.reason)
         self.alert(now, f"shutdown:{cmd.id}", "shutdown",
                    f"Shutting down {view.agent_id} in {delay} s: {cmd.reason}")
         return cmd.id
 
-    def send_abort(self, view: AgentView, cancels: UUID, episode_id: str, now: datetime) -> str:
-        cmd = Command(view.agent_id, "abort", 0, self.settings.command_ttl_sec,
-                      int(now.timestamp()), episode_id, str(cancels),
-                      f"power back for {self.settings.confirm_sec} s")
+    def send_abort(self, view: AgentView, cancels: list[tuple[UUID, str]],
+                   now: datetime) -> list[str]:
+        """One abort per shutdown in `cancels` ((command id, episode id) pairs), and the
+        episodes closed, in one transaction."""
+        why = f"power back for {self.settings.confirm_sec} s"
+        sent = []
         with self.conn.transaction():
-            self.create_command(cmd, now, cancels_id=cancels)
+            for cancel_id, episode_id in cancels:
+                cmd = Command(view.agent_id, "abort", 0, self.settings.command_ttl_sec,
+                              int(now.timestamp()), episode_id, str(cancel_id), why)
+                self.create_command(cmd, now, cancels_id=cancel_id)
+                self.event(now, "command_aborted", agent_id=view.agent_id,
+                           episode_id=episode_id, command_id=cmd.id,
+                           message=f"abort of {cancel_id}: {cmd.reason}",
+                           details={"cancels": str(cancel_id)})
+                sent.append(cmd.id)
             # The abort ends the episodes: if the grid fails again the host is protected anew.
             for supply in view.supplies:
                 if supply["episode_id"]:
@@ -225,13 +315,11 @@ class Worker:
                         "INSERT INTO episode_closures (episode_id, device_sn, closed_at, reason)"
                         " VALUES (%s, %s, %s, 'aborted') ON CONFLICT DO NOTHING",
                         (supply["episode_id"], supply["device_sn"], now))
-            self.event(now, "command_aborted", agent_id=view.agent_id, episode_id=episode_id,
-                       command_id=cmd.id, message=f"abort of {cancels}: {cmd.reason}",
-                       details={"cancels": str(cancels)})
-        log.warning("abort %s: shutdown %s cancelled, %s", view.agent_id, cancels, cmd.reason)
-        self.alert(now, f"abort:{cmd.id}", "abort",
-                   f"Shutdown of {view.agent_id} cancelled: {cmd.reason}")
-        return cmd.id
+        names = ", ".join(str(c) for c, _ in cancels)
+        log.warning("abort %s: shutdown %s cancelled, %s", view.agent_id, names, why)
+        self.alert(now, f"abort:{sent[0]}", "abort",
+                   f"Shutdown of {view.agent_id} cancelled: {why}")
+        return sent
 
     def fire_test(self, agent_id: str, now: datetime | None = None) -> str:
         """S12: a `test` command through the whole path; the agent acks without acting."""
@@ -245,17 +333,22 @@ class Worker:
         self.deliver(now)
         return cmd.id
 
-    def create_command(self, cmd: Command, now: datetime, cancels_id: UUID | None = None) -> bool:
+    def create_command(self, cmd: Command, now: datetime, cancels_id: UUID | None = None,
+                       attempt: int = 1) -> bool:
         row = self.conn.execute(INSERT_COMMAND, {
             "id": cmd.id, "agent": cmd.agent, "action": cmd.action, "episode_id": cmd.episode_id,
             "cancels_id": cancels_id, "reason": cmd.reason, "delay_sec": cmd.delay_sec,
             "ttl_sec": cmd.ttl_sec, "now": now, "payload": Jsonb(cmd.payload(self._key)),
+            "attempt": attempt,
         }).fetchone()
         return row is not None
 
     def deliver(self, now: datetime) -> None:
         """Send what is new, re-send what is unacknowledged, expire what is too old (D3, D5)."""
-        if self.link is not None:
+        # While the broker is away nothing is handed to the MQTT client: it would queue a copy
+        # per evaluation and deliver them all on reconnect. The database keeps the command; it
+        # goes out once, on the first evaluation after the reconnect.
+        if self.link is not None and self.link.connected.is_set():
             due = self.conn.execute(
                 DUE_FOR_SENDING, {"now": now, "resend_sec": self.settings.resend_sec}
             ).fetchall()
@@ -277,7 +370,9 @@ class Worker:
                        command_id=cmd_id,
                        message=f"{action} to {agent} expired without an ack after "
                                f"{send_count} sends")
-            self.alert(now, f"expired:{cmd_id}", "agent",
+            # Once per agent and episode: a shutdown re-issued every TTL while the host stays
+            # offline must not page the operator each time (the offline alert repeats).
+            self.alert(now, f"expired:{action}:{agent}:{episode or cmd_id}", "agent",
                        f"{action} for {agent} was never acknowledged (expired)")
 
     # -- acks and status ------------------------------------------------------------------
@@ -320,15 +415,22 @@ class Worker:
                            message=f"ack {status} for a command this agent was never sent")
                 return
             current, action, episode = row
+            # "rejected: duplicate" answers a redelivery of an id the agent already acted on
+            # (contract, step 6): it says "delivered", never "refused".
+            duplicate = status == "rejected" and detail.lower().startswith("duplicate")
+            effective = "received" if duplicate else status
+            advance = _ACK_RANK[effective] > _ACK_RANK.get(current, 0)
             self.conn.execute(APPLY_ACK, {
-                "id": cmd_id, "status": status, "rank": _ACK_RANK[status],
-                "current_rank": _ACK_RANK.get(current, 0), "host": host, "detail": detail,
-                "now": now})
-            kind = "command_rejected" if status == "rejected" else "command_acked"
+                "id": cmd_id, "status": effective, "advance": advance, "host": host,
+                "detail": detail, "now": now})
+            genuine_refusal = status == "rejected" and not duplicate and advance
+            kind = "command_rejected" if genuine_refusal else "command_acked"
             self.event(now, kind, agent_id=msg.agent, episode_id=episode, command_id=cmd_id,
                        message=f"{action} {status}" + (f": {detail}" if detail else ""),
-                       details={"status": status, "host": host, "detail": detail})
-        if status == "rejected":
+                       details={"status": status, "host": host, "detail": detail,
+                                "duplicate": duplicate,
+                                "state": effective if advance else current})
+        if genuine_refusal:
             self.alert(now, f"rejected:{cmd_id}", "agent",
                        f"{msg.agent} rejected {action}: {detail or 'no detail'}")
 

@@ -26,6 +26,9 @@ SN = "R331ZEB4ZEA0012345"
 SN2 = "R331ZEB4ZEA0067890"
 KEY = "test-signing-key"
 STEP = 5  # seconds between evaluations, as the worker runs in production
+# For scenarios that run far past a command's TTL without an agent answering: a real agent
+# acks, and the re-issue of an expired shutdown is proven on its own (test_policy_field.py).
+LONG_TTL = 3600
 
 
 def at(sec: float) -> datetime:
@@ -132,6 +135,17 @@ class Policy:
             self.worker.step(at(self.t))
             self.t += STEP
 
+    def wait_for_ack(self, cmd_id, timeout: float = 5.0) -> None:
+        """Step the worker (at the current time) until it has stored an ack for `cmd_id`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.worker.handle_incoming(at(self.t))
+            if self.db.execute("SELECT acked_at IS NOT NULL FROM commands WHERE id = %s",
+                               (cmd_id,)).fetchone()[0]:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"no ack for {cmd_id} within {timeout} s")
+
     def first_command_time(self, action: str = "shutdown"):
         row = self.db.execute("SELECT min(issued_at) FROM commands WHERE action = %s",
                               (action,)).fetchone()
@@ -223,7 +237,7 @@ def test_on_battery_reaching_soc_threshold_shuts_down_once_after_debounce(db, ma
     agent = agent_name()
     # On battery from t=60, 20 % dropping 2 %/min: at or below 15 % from t=210.
     insert(db, SN, series(0, 50, 10, 20, True) + series(60, 600, 10, draining(20, 2, 60), False))
-    policy = make_policy({SN: [agent]})
+    policy = make_policy({SN: [agent]}, command_ttl_sec=LONG_TTL)
     policy.run_until(265)
     assert policy.commands() == [], "must wait for the whole debounce window"
     policy.run_until(600)
@@ -236,12 +250,12 @@ def test_on_battery_reaching_soc_threshold_shuts_down_once_after_debounce(db, ma
     msg = agents.commands(agent, wait_for=1)[0]
     body = msg["payload"]
     assert msg["retain"] is False and msg["qos"] == 1
-    assert 0 < msg["expiry"] <= 300
+    assert 0 < msg["expiry"] <= LONG_TTL
     assert body["id"] == str(cmd_id) and body["action"] == "shutdown"
-    assert body["delay_sec"] == 120 and body["ttl_sec"] == 300
+    assert body["delay_sec"] == 120 and body["ttl_sec"] == LONG_TTL
     assert body["issued_at"] == int(at(270).timestamp())
     assert body["reason"] == f"soc_min 13.0 <= 15 on battery ({SN})"
-    canonical = "\n".join(["ecoflow-cmd-v1", agent, body["id"], "shutdown", "120", "300",
+    canonical = "\n".join(["ecoflow-cmd-v1", agent, body["id"], "shutdown", "120", str(LONG_TTL),
                            str(body["issued_at"]), episode, "", body["reason"]])
     assert body["sig"] == sign(canonical, KEY)
 
@@ -317,7 +331,7 @@ def test_flapping_grid_neither_resets_the_debounce_nor_aborts(db, make_policy, a
     # every 30 s, never for the 30 s confirmation period.
     rows = [(t, 12, (t % 30 == 25) if t >= 60 else True) for t in range(0, 600, 5)]
     insert(db, SN, rows)
-    policy = make_policy({SN: [agent]})
+    policy = make_policy({SN: [agent]}, command_ttl_sec=LONG_TTL)
     policy.run_until(600)
     assert policy.first_command_time() == at(120)
     assert policy.commands("abort") == []
@@ -371,7 +385,7 @@ def test_second_grid_loss_inside_cooldown_is_the_same_episode(db, make_policy, a
     # then lost again: the same episode, so no second shutdown.
     insert(db, SN, series(0, 50, 10, 14, True) + series(60, 300, 10, 14, False)
            + series(310, 500, 10, 30, True) + series(510, 800, 10, 14, False))
-    policy = make_policy({SN: [agent]})
+    policy = make_policy({SN: [agent]}, command_ttl_sec=LONG_TTL)
     policy.run_until(800)
     assert len(policy.commands("shutdown")) == 1
 
@@ -421,7 +435,7 @@ def test_tiers_give_each_agent_its_own_threshold(db, make_policy, agents, tmp_pa
     config.write_text(json.dumps({"agents": {early: {"soc_threshold": 40, "tier": 0},
                                              late: {"soc_threshold": 15, "tier": 1}}}))
     insert(db, SN, series(0, 50, 10, 50, True) + series(60, 1200, 10, draining(50, 2, 60), False))
-    policy = make_policy({SN: [early, late]}, config_file=config)
+    policy = make_policy({SN: [early, late]}, config_file=config, command_ttl_sec=LONG_TTL)
     policy.run_until(1200)
     times = dict(db.execute(
         "SELECT agent_id, issued_at FROM commands WHERE action = 'shutdown'").fetchall())
@@ -432,7 +446,7 @@ def test_tiers_give_each_agent_its_own_threshold(db, make_policy, agents, tmp_pa
 def test_restart_mid_debounce_fires_at_the_same_moment(db, make_policy, agents):
     agent = agent_name()
     insert(db, SN, series(0, 50, 10, 20, True) + series(60, 600, 10, draining(20, 2, 60), False))
-    policy = make_policy({SN: [agent]})
+    policy = make_policy({SN: [agent]}, command_ttl_sec=LONG_TTL)
     policy.run_until(240)  # SoC low since 210 s: half-way through the 60 s debounce
     policy.restart()
     policy.run_until(600)
@@ -447,6 +461,7 @@ def test_restart_after_sending_does_not_send_again(db, make_policy, agents):
     policy.run_until(125)
     (cmd_id, *_), = policy.commands()
     agents.ack(agent, str(cmd_id), "scheduled", "shutdown in 120 s")
+    policy.wait_for_ack(cmd_id)
     policy.restart()
     time.sleep(0.2)
     policy.run_until(600)
@@ -458,14 +473,20 @@ def test_unacked_command_is_resent_with_the_same_id_until_it_expires(db, make_po
     agent = agent_name()
     insert(db, SN, series(0, 50, 10, 14, True) + series(60, 600, 10, 14, False))
     policy = make_policy({SN: [agent]}, command_ttl_sec=60, resend_sec=20)
-    policy.run_until(200)
+    policy.run_until(175)
     (cmd_id, _, _, _, status, sends, _), = policy.commands()
+    assert status == "sent" and sends == 3
+    policy.run_until(180)
+    (cmd_id, _, _, _, status, sends, _), *reissued = policy.commands()
     assert status == "expired" and sends == 3  # at 120, 140 and 160 s; expired at 180 s
     msgs = agents.commands(agent, wait_for=3)
     assert [m["payload"]["id"] for m in msgs] == [str(cmd_id)] * 3
     assert [m["expiry"] for m in msgs] == [60, 40, 20]
     kinds = [e[0] for e in policy.events() if e[0].startswith("command_")]
     assert kinds == ["command_sent", "command_resent", "command_resent", "command_expired"]
+    # Still due: the next evaluation re-issues it (tested in test_policy_field.py).
+    policy.run_until(185)
+    assert len(policy.commands()) == 2
 
 
 def test_ack_stops_resending_and_duplicates_are_stored_not_acted_on(db, make_policy, agents):

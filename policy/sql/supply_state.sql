@@ -1,9 +1,20 @@
 -- One row per (enabled agent, station that supplies it): the station's state at %(now)s and
 -- which shutdown trigger, if any, has fired for this agent's thresholds.
 --
--- Only readings with ts <= %(now)s count, so the same query answers "now" (callers pass now())
--- and any moment of the past (tests, replay). Every "since" is derived from the readings, not
--- from the worker's memory: a restarted worker reaches the same decision at the same moment.
+-- Two clocks meet here (SAFETY S1). Age is measured with the database's: a reading counts from
+-- when it was received (received_at; rows without it count as received at ts), so a station is
+-- fresh, stale or dead by when its readings arrive, whatever its own clock says. Everything
+-- else (debounce, confirmation, cooldown, discharge slope) compares readings with each other
+-- on the station's clock (ts), against `dev_now`: %(now)s translated to that clock by the
+-- offset of the station's newest reading (received_at - ts). A station whose clock runs hours
+-- behind or ahead therefore reaches the same decisions at the same moments as one in sync.
+-- The *_fires_at columns are on the database clock; the *_since columns on the station's
+-- (they also name conditions and episodes, and must not move with network jitter).
+--
+-- Only readings received by %(now)s count, so the same query answers "now" (callers pass
+-- now()) and any moment of the past (tests, replay). Every "since" is derived from the
+-- readings, not from the worker's memory: a restarted worker reaches the same decision at the
+-- same moment.
 --
 -- Parameters: now, soc_min, soc_margin, runtime_min, runtime_margin, max_on_battery_sec,
 -- debounce_sec, confirm_sec, cooldown_sec, rearm_soc, slope_window_sec.
@@ -18,11 +29,26 @@ WITH pairs AS (
       JOIN agent_supplies s ON s.agent_id = a.agent_id
       JOIN devices d ON d.device_sn = s.device_sn
      WHERE a.enabled
-), station AS (
+), clock AS (
     SELECT p.*,
            latest.ts AS last_ts,
+           latest.received_at AS last_received_at,
            latest.soc AS soc,
            latest.remain_time_min,
+           coalesce(latest.received_at - latest.ts, interval '0')  AS clock_offset,
+           %(now)s - coalesce(latest.received_at - latest.ts, interval '0') AS dev_now
+      FROM pairs p
+      -- The newest reading received by now; newest on the station's clock, which orders one
+      -- station's readings as it sent them.
+      LEFT JOIN LATERAL (
+            SELECT m.ts, coalesce(m.received_at, m.ts) AS received_at,
+                   coalesce(m.soc_min_percent, m.soc_percent)::float8 AS soc,
+                   m.remain_time_min
+              FROM ecoflow_measurements m
+             WHERE m.device_sn = p.device_sn AND coalesce(m.received_at, m.ts) <= %(now)s
+             ORDER BY m.ts DESC LIMIT 1) latest ON true
+), station AS (
+    SELECT p.*,
            grid.grid_connected AS grid_on,
            grid.ts AS grid_ts,
            -- The last moment the grid was back and stayed back for the confirmation period:
@@ -31,18 +57,13 @@ WITH pairs AS (
            -- The last re-arm point: grid back for the whole cooldown with SoC at the restart
            -- level, or an abort that closed the episode. An episode starts after it.
            greatest(coalesce(rearm.ts, '-infinity'::timestamptz),
-                    coalesce(closure.closed_at, '-infinity'::timestamptz)) AS rearm_ts
-      FROM pairs p
-      LEFT JOIN LATERAL (
-            SELECT m.ts, coalesce(m.soc_min_percent, m.soc_percent)::float8 AS soc,
-                   m.remain_time_min
-              FROM ecoflow_measurements m
-             WHERE m.device_sn = p.device_sn AND m.ts <= %(now)s
-             ORDER BY m.ts DESC LIMIT 1) latest ON true
+                    coalesce(closure.closed_at - p.clock_offset, '-infinity'::timestamptz))
+                                                                      AS rearm_ts
+      FROM clock p
       LEFT JOIN LATERAL (
             SELECT m.ts, m.grid_connected
               FROM ecoflow_measurements m
-             WHERE m.device_sn = p.device_sn AND m.ts <= %(now)s
+             WHERE m.device_sn = p.device_sn AND m.ts <= p.dev_now
                AND m.grid_connected IS NOT NULL
              ORDER BY m.ts DESC LIMIT 1) grid ON true
       -- "The grid held for a period from reading g": walk back from the latest candidate; when
@@ -58,7 +79,7 @@ WITH pairs AS (
                                ORDER BY o.ts LIMIT 1) AS blocked_by
                   FROM (SELECT g.ts FROM ecoflow_measurements g
                          WHERE g.device_sn = p.device_sn AND g.grid_connected
-                           AND g.ts <= %(now)s - make_interval(secs => %(confirm_sec)s)
+                           AND g.ts <= p.dev_now - make_interval(secs => %(confirm_sec)s)
                          ORDER BY g.ts DESC LIMIT 1) c
                 UNION ALL
                 SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
@@ -85,7 +106,7 @@ WITH pairs AS (
                   FROM (SELECT g.ts FROM ecoflow_measurements g
                          WHERE g.device_sn = p.device_sn AND g.grid_connected
                            AND coalesce(g.soc_min_percent, g.soc_percent) >= %(rearm_soc)s
-                           AND g.ts <= %(now)s - make_interval(secs => %(cooldown_sec)s)
+                           AND g.ts <= p.dev_now - make_interval(secs => %(cooldown_sec)s)
                          ORDER BY g.ts DESC LIMIT 1) c
                 UNION ALL
                 SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
@@ -111,15 +132,15 @@ WITH pairs AS (
     SELECT s.*,
            (SELECT min(m.ts) FROM ecoflow_measurements m
              WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
-               AND m.ts > s.rearm_ts AND m.ts <= %(now)s)              AS episode_start,
+               AND m.ts > s.rearm_ts AND m.ts <= s.dev_now)              AS episode_start,
            (SELECT min(m.ts) FROM ecoflow_measurements m
              WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
-               AND m.ts > s.confirmed_grid_ts AND m.ts <= %(now)s)     AS on_battery_since,
+               AND m.ts > s.confirmed_grid_ts AND m.ts <= s.dev_now)     AS on_battery_since,
            -- Only losses after the last confirmed return matter, which keeps this scan short
            -- after a week on grid.
            (SELECT max(m.ts) FROM ecoflow_measurements m
              WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
-               AND m.ts > s.confirmed_grid_ts AND m.ts <= %(now)s)     AS last_off_grid_ts,
+               AND m.ts > s.confirmed_grid_ts AND m.ts <= s.dev_now)     AS last_off_grid_ts,
            -- Discharge rate in percent per minute over the recent on-battery readings.
            (SELECT CASE WHEN regr_count(coalesce(m.soc_min_percent, m.soc_percent),
                                         extract(epoch FROM m.ts)) >= 3
@@ -128,8 +149,8 @@ WITH pairs AS (
               FROM ecoflow_measurements m
              WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
                AND m.ts > greatest(s.confirmed_grid_ts,
-                                   %(now)s - make_interval(secs => %(slope_window_sec)s))
-               AND m.ts <= %(now)s)                                   AS discharge_pct_per_min
+                                   s.dev_now - make_interval(secs => %(slope_window_sec)s))
+               AND m.ts <= s.dev_now)                                   AS discharge_pct_per_min
       FROM station s
 ), runtime AS (
     SELECT k.*,
@@ -138,7 +159,7 @@ WITH pairs AS (
            CASE WHEN k.grid_on THEN coalesce(
                (SELECT min(m.ts) FROM ecoflow_measurements m
                  WHERE m.device_sn = k.device_sn AND m.grid_connected
-                   AND m.ts > k.last_off_grid_ts AND m.ts <= %(now)s),
+                   AND m.ts > k.last_off_grid_ts AND m.ts <= k.dev_now),
                CASE WHEN k.last_off_grid_ts IS NULL
                     THEN nullif(k.confirmed_grid_ts, '-infinity') END)
            END                                                        AS grid_back_since,
@@ -152,23 +173,23 @@ WITH pairs AS (
     -- it (threshold plus margin, or the grid confirmed back): hysteresis and debounce in one.
     SELECT r.*,
            (SELECT min(m.ts) FROM ecoflow_measurements m
-             WHERE m.device_sn = r.device_sn AND NOT m.grid_connected AND m.ts <= %(now)s
+             WHERE m.device_sn = r.device_sn AND NOT m.grid_connected AND m.ts <= r.dev_now
                AND coalesce(m.soc_min_percent, m.soc_percent) <= r.soc_thr
                AND m.ts > greatest(r.confirmed_grid_ts, coalesce(
                      (SELECT max(c.ts) FROM ecoflow_measurements c
-                       WHERE c.device_sn = r.device_sn AND c.ts <= %(now)s
+                       WHERE c.device_sn = r.device_sn AND c.ts <= r.dev_now
                          AND c.ts > r.confirmed_grid_ts
                          AND coalesce(c.soc_min_percent, c.soc_percent)
                              > r.soc_thr + %(soc_margin)s), '-infinity')))  AS soc_low_since,
            CASE WHEN r.runtime_thr IS NOT NULL THEN
            (SELECT min(m.ts) FROM ecoflow_measurements m
-             WHERE m.device_sn = r.device_sn AND NOT m.grid_connected AND m.ts <= %(now)s
+             WHERE m.device_sn = r.device_sn AND NOT m.grid_connected AND m.ts <= r.dev_now
                AND coalesce(m.remain_time_min::float8,
                             coalesce(m.soc_min_percent, m.soc_percent)
                               / nullif(greatest(r.discharge_pct_per_min, 0), 0)) <= r.runtime_thr
                AND m.ts > greatest(r.confirmed_grid_ts, coalesce(
                      (SELECT max(c.ts) FROM ecoflow_measurements c
-                       WHERE c.device_sn = r.device_sn AND c.ts <= %(now)s
+                       WHERE c.device_sn = r.device_sn AND c.ts <= r.dev_now
                          AND c.ts > r.confirmed_grid_ts
                          AND coalesce(c.remain_time_min::float8,
                                       coalesce(c.soc_min_percent, c.soc_percent)
@@ -179,14 +200,19 @@ WITH pairs AS (
 ), fired AS (
     SELECT c.*,
            CASE WHEN c.last_ts IS NULL THEN 'unknown'
-                WHEN %(now)s - c.last_ts > make_interval(secs => c.dead_after_sec) THEN 'dead'
-                WHEN %(now)s - c.last_ts > make_interval(secs => c.stale_after_sec) THEN 'stale'
+                WHEN %(now)s - c.last_received_at > make_interval(secs => c.dead_after_sec)
+                     THEN 'dead'
+                WHEN %(now)s - c.last_received_at > make_interval(secs => c.stale_after_sec)
+                     THEN 'stale'
                 ELSE 'fresh' END                                      AS freshness,
            c.grid_on IS FALSE                                         AS on_battery,
-           c.soc_low_since + make_interval(secs => %(debounce_sec)s)      AS soc_fires_at,
-           c.runtime_low_since + make_interval(secs => %(debounce_sec)s)  AS runtime_fires_at,
-           c.on_battery_since + make_interval(secs => c.battery_limit_sec) AS battery_time_fires_at,
-           c.last_ts + make_interval(secs => c.dead_after_sec)           AS dead_fires_at
+           c.soc_low_since + c.clock_offset
+               + make_interval(secs => %(debounce_sec)s)              AS soc_fires_at,
+           c.runtime_low_since + c.clock_offset
+               + make_interval(secs => %(debounce_sec)s)              AS runtime_fires_at,
+           c.on_battery_since + c.clock_offset
+               + make_interval(secs => c.battery_limit_sec)           AS battery_time_fires_at,
+           c.last_received_at + make_interval(secs => c.dead_after_sec) AS dead_fires_at
       FROM conditions c
 ), decided AS (
     -- Triggers are evaluated only while on battery (a dead station counts as on battery when it
@@ -204,7 +230,9 @@ WITH pairs AS (
 )
 SELECT agent_id, tier, min_supplies, shutdown_delay_sec, device_sn, device_name,
        freshness, on_battery, grid_on,
-       last_ts, extract(epoch FROM %(now)s - last_ts)::float8        AS age_sec,
+       last_ts, last_received_at,
+       extract(epoch FROM %(now)s - last_received_at)::float8        AS age_sec,
+       extract(epoch FROM clock_offset)::float8                      AS clock_offset_sec,
        soc, soc_thr, remain_time_min, runtime_left_min, runtime_thr, discharge_pct_per_min,
        on_battery_since, grid_back_since, battery_limit_sec,
        soc_low_since, runtime_low_since,
@@ -217,6 +245,6 @@ SELECT agent_id, tier, min_supplies, shutdown_delay_sec, device_sn, device_name,
        freshness IN ('fresh', 'stale') AND trigger IS NULL           AS healthy,
        -- Power is back for this supply once the grid has held for the confirmation period.
        freshness IN ('fresh', 'stale') AND grid_on IS TRUE
-           AND grid_back_since <= %(now)s - make_interval(secs => %(confirm_sec)s) AS power_back
+           AND grid_back_since <= dev_now - make_interval(secs => %(confirm_sec)s) AS power_back
   FROM decided
  ORDER BY agent_id, device_sn;
