@@ -30,6 +30,8 @@ CONTRACT = {
     "battery_temp_c": ("real", "YES"),
     "source": ("text", "NO"),
     "raw_data": ("jsonb", "NO"),
+    # When the collector received it (S1: the policy measures age with it); null: at ts.
+    "received_at": ("timestamp with time zone", "YES"),
 }
 
 
