@@ -35,17 +35,18 @@ SELECT a.agent_id, a.tier, a.min_supplies,
        s.device_sn, d.name AS device_name, d.capacity_wh::float8 AS capacity_wh,
        d.stale_after_sec, d.dead_after_sec,
        latest.ts AS last_ts, latest.soc, latest.watts_out, latest.grid_on,
-       extract(epoch FROM %(now)s - latest.ts)::float8                 AS age_sec,
+       extract(epoch FROM %(now)s - latest.received_at)::float8        AS age_sec,
        stretch.pct_per_min                                            AS slope_pct_per_min,
        stretch.until                                                  AS slope_until
   FROM agents a
   JOIN agent_supplies s ON s.agent_id = a.agent_id
   JOIN devices d ON d.device_sn = s.device_sn
   LEFT JOIN LATERAL (
-        SELECT m.ts, coalesce(m.soc_min_percent, m.soc_percent)::float8 AS soc,
+        SELECT m.ts, coalesce(m.received_at, m.ts) AS received_at,
+               coalesce(m.soc_min_percent, m.soc_percent)::float8 AS soc,
                m.watts_out_sum AS watts_out, m.grid_connected AS grid_on
           FROM ecoflow_measurements m
-         WHERE m.device_sn = s.device_sn AND m.ts <= %(now)s
+         WHERE m.device_sn = s.device_sn AND coalesce(m.received_at, m.ts) <= %(now)s
          ORDER BY m.ts DESC LIMIT 1) latest ON true
   LEFT JOIN LATERAL (
         SELECT last_off.ts AS until,
