@@ -15,6 +15,7 @@ import psycopg
 from policy import topology
 from policy.mqttlink import MqttLink
 from policy.notify import Notifier
+from policy.plan import print_plan
 from policy.replay import replay
 from policy.rules import agent_views, supply_rows
 from policy.settings import load_database_settings, load_settings
@@ -43,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     rep.add_argument("--config", help="a policy file to try instead of POLICY_CONFIG_FILE")
     rep.add_argument("--step", type=float, help="seconds between evaluations")
     rep.add_argument("--json", action="store_true")
+    pln = sub.add_parser("plan", help="the shutdown timeline if the grid were lost now;"
+                         " reads only, sends nothing")
+    pln.add_argument("--at", type=datetime.fromisoformat,
+                     help="plan a loss at this moment instead, from the readings up to it")
+    pln.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
 
     logsetup.setup()
@@ -53,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "run"
     if command == "run":
         return run(db_url, settings, db.retention_days)
+    if command == "plan":
+        return print_plan(db_url, settings, _aware(args.at) if args.at else None,
+                          args.json)
     if command == "replay":
-        decisions = replay(db_url, settings, _aware(args.start), _aware(args.end), args.step,
-                           sync_config=bool(args.config))
+        decisions = replay(db_url, settings, _aware(args.start), _aware(args.end), args.step)
         if args.json:
             print(json.dumps(decisions, default=str, indent=2))
         else:
@@ -70,22 +78,41 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(db_url: str, settings, retention_days: int = 0) -> int:
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        topo = topology.sync(conn, settings)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    topo = _sync_when_database_is_up(db_url, settings, stop)
+    if topo is None:
+        return 0
     log.info("policy: %d agents on %d stations, SoC threshold %s %%, debounce %s s, "
              "commands %s", len(topo.agents), len(topo.devices), settings.soc_min,
              settings.debounce_sec, "signed" if settings.signing_key else "UNSIGNED")
     link = MqttLink.from_settings(settings)
     link.start()
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         serve(db_url, settings, link, Notifier.from_settings(settings), stop,
               retention_days=retention_days)
     finally:
         link.stop()
     return 0
+
+
+def _sync_when_database_is_up(db_url: str, settings, stop: threading.Event,
+                              max_wait: float = 30.0):
+    """The topology, written to the database once it accepts connections; None if stopped
+    first. Compose or systemd may start the worker before PostgreSQL: wait, saying so once per
+    attempt, like the collector's writer does."""
+    wait = 1.0
+    while not stop.is_set():
+        try:
+            with psycopg.connect(db_url, autocommit=True, connect_timeout=10) as conn:
+                return topology.sync(conn, settings)
+        except psycopg.OperationalError as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            log.warning("database unavailable at start (%s); retrying in %.0f s", reason, wait)
+            stop.wait(wait)
+            wait = min(wait * 2, max_wait)
+    return None
 
 
 def status(conn, settings) -> int:

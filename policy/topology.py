@@ -4,6 +4,7 @@ validated, and written into devices / agents / agent_supplies at start."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,8 @@ import psycopg
 
 from policy.settings import PolicySettings
 from servicekit.settings import SettingsError
+
+log = logging.getLogger("ecoflow.policy")
 
 AGENT_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # What an EcoFlow serial number looks like, so a new station can be named before it reports.
@@ -85,12 +88,15 @@ def build(settings: PolicySettings, known: dict[str, str | None]) -> Topology:
     names = {name: sn for sn, name in known.items() if name}
     names.update({a["name"]: sn for sn, a in devices.items() if a.get("name")})
 
-    def resolve(ref: str, source: str) -> str:
+    unseen: list[tuple[str, str]] = []  # (what, ref): taken for a serial on its looks alone
+
+    def resolve(ref: str, source: str, what: str) -> str:
         if ref in devices or ref in known:
             return ref
         if ref in names:
             return names[ref]
         if SERIAL.match(ref):
+            unseen.append((what, ref))
             return ref
         raise SettingsError(
             f"{source}: unknown device {ref!r}: no station has that serial number or name. "
@@ -100,7 +106,7 @@ def build(settings: PolicySettings, known: dict[str, str | None]) -> Topology:
 
     agents: dict[str, AgentConfig] = {}
     for ref, agent_ids in settings.device_to_agents().items():
-        sn = resolve(ref, "DEVICE_TO_AGENTS_JSON")
+        sn = resolve(ref, "DEVICE_TO_AGENTS_JSON", f"DEVICE_TO_AGENTS_JSON key {ref!r}")
         for agent_id in agent_ids:
             agent = agents.setdefault(agent_id, AgentConfig(agent_id))
             if sn not in agent.supplies:
@@ -114,7 +120,8 @@ def build(settings: PolicySettings, known: dict[str, str | None]) -> Topology:
                                 f"allowed: {sorted(AGENT_KEYS)}")
         agent = agents.setdefault(str(agent_id), AgentConfig(str(agent_id)))
         for ref in attrs.pop("supplies", None) or []:
-            sn = resolve(str(ref), f"{where}: agent {agent_id}")
+            sn = resolve(str(ref), f"{where}: agent {agent_id}",
+                         f"{where}: agent {agent_id}: supply {str(ref)!r}")
             if sn not in agent.supplies:
                 agent.supplies.append(sn)
         for key, value in attrs.items():
@@ -124,7 +131,26 @@ def build(settings: PolicySettings, known: dict[str, str | None]) -> Topology:
         _check_agent(agent)
         for sn in agent.supplies:
             devices.setdefault(sn, {"stale_after_sec": 120, "dead_after_sec": 600})
+    for what, ref in unseen:
+        _warn_unseen_serial(what, ref, [a.agent_id for a in agents.values() if ref in a.supplies],
+                            names)
     return Topology(devices, agents)
+
+
+def _warn_unseen_serial(what: str, ref: str, agent_ids: list[str], names: dict[str, str]) -> None:
+    """A key like STUDYROOM passes for a serial number: if it is a name, the agents wait for a
+    station that never reports, and no trigger can ever fire for them. Say so at start."""
+    def fold(text: str) -> str:
+        return "".join(c for c in text.casefold() if c.isalnum())
+
+    near = [f"{name!r} ({sn})" for name, sn in sorted(names.items()) if fold(name) == fold(ref)]
+    log.warning(
+        "%s looks like a serial number, but no station with that serial has reported, so %s "
+        "cannot be shut down for it until one does. If it is a friendly name, %suse the "
+        "station's serial number, or name the station in POLICY_CONFIG_FILE "
+        "(devices: {SERIAL: {name: %s}})",
+        what, ", ".join(agent_ids) or "no agent",
+        f"did you mean {' or '.join(near)}? Otherwise " if near else "", ref)
 
 
 def _check_agent(a: AgentConfig) -> None:

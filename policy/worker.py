@@ -465,7 +465,8 @@ class Worker:
                 sn, dev = s["device_sn"], f"device:{s['device_sn']}"
                 if s["on_battery"] and s["on_battery_since"]:
                     hold(dev, "on_battery", s["on_battery_since"],
-                         str(s["on_battery_since"]), sn, soc=s["soc"])
+                         str(s["on_battery_since"]), sn, soc=s["soc"],
+                         episode_id=s["episode_id"])
                 if s["episode_id"]:
                     hold(dev, "episode", s["episode_start"], s["episode_id"], sn,
                          episode_id=s["episode_id"])
@@ -533,7 +534,10 @@ class Worker:
     def _alert_condition(self, subject, condition, cond, now) -> None:
         where = cond["device_sn"] or cond["agent_id"]
         if condition == "on_battery":
-            self.alert(now, f"on_battery:{subject}:{cond['identity']}", "power",
+            # Once per outage episode: a grid that keeps coming back for a minute and going
+            # again (each return confirmed, all inside the cooldown) is one outage to a person.
+            episode = cond["details"].get("episode_id") or cond["identity"]
+            self.alert(now, f"on_battery:{subject}:{episode}", "power",
                        f"{where} is on battery (grid lost)")
         elif condition in ("stale", "dead"):
             self.alert(now, f"{condition}:{subject}", "station",

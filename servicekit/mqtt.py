@@ -17,6 +17,10 @@ SESSION_EXPIRY_SEC = 7 * 24 * 3600
 MAX_RECEIVE_MAXIMUM = 65535
 # One socket read takes this many bytes: a few hundred small messages instead of 3 reads each.
 RECV_CHUNK = 256 * 1024
+# paho doubles its reconnect wait up to this cap: with 30 s, a 15 s broker restart left the
+# collector away for 16 s more. Retrying a local broker every 2 s costs it nothing.
+RECONNECT_MIN_SEC = 1
+RECONNECT_MAX_SEC = 2
 
 
 class ReceivedMessage:
@@ -205,7 +209,7 @@ def make_client(client_id: str, user: str | None = None, password: str | None = 
         client.username_pw_set(user, password)
     if tls_ca:
         client.tls_set(ca_certs=tls_ca, cert_reqs=ssl.CERT_REQUIRED)
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.reconnect_delay_set(min_delay=RECONNECT_MIN_SEC, max_delay=RECONNECT_MAX_SEC)
     return client
 
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 READONLY_ROLE_PATTERN = r"^[a-z_][a-z0-9_]{0,62}$"
+
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ENCODE_HINT = ("percent-encode special characters in the user name and password "
+                "('%' as %25, '@' as %40, '/' as %2F, '#' as %23, '?' as %3F, ':' as %3A)")
 
 
 class SettingsError(SystemExit):
@@ -50,15 +55,20 @@ class DatabaseSettings(BaseSettings):
 
     @field_validator("database_url")
     @classmethod
-    def _known_scheme(cls, value: str | None) -> str | None:
+    def _postgres_url(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        scheme = urlsplit(value).scheme
-        if scheme not in ("postgres", "postgresql", "postgresql+psycopg"):
+        try:
+            parts = urlsplit(value)
+        except ValueError:
+            raise ValueError("is not a URL: use postgresql://user:password@host:5432/dbname; "
+                             + _ENCODE_HINT) from None
+        if parts.scheme not in ("postgres", "postgresql", "postgresql+psycopg"):
             raise ValueError(
-                f"scheme {scheme or '(none)'!r} is not PostgreSQL: "
+                f"scheme {parts.scheme or '(none)'!r} is not PostgreSQL: "
                 "use postgresql://user:password@host:5432/dbname"
             )
+        _check_url_shape(value, parts)
         return value
 
     def libpq_url(self) -> str:
@@ -77,6 +87,28 @@ class DatabaseSettings(BaseSettings):
     def sqlalchemy_url(self) -> str:
         """The URL for SQLAlchemy and Alembic (postgresql+psycopg://...)."""
         return "postgresql+psycopg" + self.libpq_url()[len("postgresql"):]
+
+
+def _check_url_shape(url: str, parts) -> None:
+    """Refuse what libpq would misread, mostly a password pasted in unencoded. The message
+    says what is wrong and never repeats any part of the URL: the password may be in it."""
+    if _BAD_ESCAPE.search(url):
+        raise ValueError("has a '%' that is not followed by two hex digits: " + _ENCODE_HINT)
+    userinfo, at, hostinfo = parts.netloc.rpartition("@")
+    if "@" in userinfo:
+        raise ValueError("has more than one '@' before the host: " + _ENCODE_HINT)
+    if "#" in url:
+        raise ValueError("has a '#' (PostgreSQL URLs have none): " + _ENCODE_HINT)
+    # An '@' in the query is fine in a value (?user=me@corp), not in what a '?' cut off.
+    if "@" in parts.path or (not at and "=" not in parts.query.partition("@")[0]
+                             and "@" in parts.query):
+        raise ValueError("has an '@' after the host: " + _ENCODE_HINT)
+    for host in hostinfo.split(","):
+        port = host.rpartition("]")[2] if host.startswith("[") else host
+        _, colon, port = port.partition(":")
+        if colon and not port.isdigit():
+            raise ValueError("has a port that is not a number (a ':' in the host part): "
+                             + _ENCODE_HINT)
 
 
 ENV_NAMES = {
@@ -107,7 +139,8 @@ def load(settings_cls: type[BaseSettings], env_names: dict[str, str] | None = No
         for err in exc.errors():
             field = str(err["loc"][0]) if err["loc"] else "?"
             variable = names.get(field, field.upper())
-            lines.append(f"{variable}: {err['msg']}")
+            # pydantic prefixes our validators' messages with "Value error, ": noise to a user.
+            lines.append(f"{variable}: {err['msg'].removeprefix('Value error, ')}")
         raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
+import time
 import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -13,6 +22,7 @@ from policy import cli, topology
 from policy.settings import load_settings
 from servicekit.migrate import downgrade, upgrade
 from servicekit.settings import DatabaseSettings
+from testbed.ports import free_port
 from tests.test_policy_scenarios import SN, at, insert, series
 
 
@@ -44,6 +54,32 @@ def test_replay_prints_the_decisions_and_sends_and_keeps_nothing(db, env, capsys
     assert decisions[0]["ts"].startswith("2026-01-01 12:02:00")
     for table in ("commands", "policy_events", "policy_conditions", "agents"):
         assert db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+
+
+def test_replay_without_config_uses_the_mapping_from_the_environment(db, env, capsys):
+    """`policy replay` without --config ignored DEVICE_TO_AGENTS_JSON and printed nothing."""
+    outage(db)
+    assert cli.main(["replay", "--from", at(0).isoformat(), "--to", at(400).isoformat(),
+                     "--step", "5", "--json"]) == 0
+    decisions = json.loads(capsys.readouterr().out)
+    assert [(d["decision"], d["trigger"], d["agent_id"]) for d in decisions][:1] == [
+        ("trigger_fired", "soc", "nas-01")]
+    for table in ("commands", "policy_events", "agents", "agent_supplies", "devices"):
+        assert db.execute(f"SELECT count(*) FROM {table}").fetchone()[0] == 0
+
+
+def test_replay_with_no_agents_anywhere_says_so_and_fails(db, db_url):
+    outage(db)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("DEVICE_TO_AGENTS_JSON", "POLICY_CONFIG_FILE")}
+    env["DATABASE_URL"] = db_url
+    proc = subprocess.run([sys.executable, "-m", "policy", "replay", "--from",
+                           at(0).isoformat(), "--to", at(400).isoformat()],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0
+    assert proc.stdout == ""
+    assert "no agents" in proc.stderr and "DEVICE_TO_AGENTS_JSON" in proc.stderr
+    assert "--config" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_status_and_explain_show_stations_and_agents(db, env, capsys):
@@ -83,7 +119,127 @@ def test_fire_test_goes_through_an_agent_and_reports_its_ack(db, env, mqtt_broke
         agent.disconnect()
 
 
+@pytest.mark.parametrize("command", [[], ["run"], ["status"], ["explain"], ["fire-test"],
+                                     ["replay"], ["plan"]])
+def test_every_docs_page_the_help_points_to_exists(command, capsys):
+    """`ecoflow-policy --help` sent people to docs/policy.md, which did not exist."""
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command, "--help"])
+    assert done.value.code == 0
+    pages = set(re.findall(r"docs/[\w./-]*\w", capsys.readouterr().out))
+    if not command:
+        assert "docs/policy.md" in pages
+    repo = Path(__file__).resolve().parent.parent
+    assert [page for page in sorted(pages) if not (repo / page).is_file()] == []
+
+
 def test_policy_migration_downgrades_and_upgrades_again(db_url):
     settings = DatabaseSettings(database_url=db_url)
     downgrade(settings, "0001")
     upgrade(settings, "head")
+
+
+class Forwarder:
+    """A TCP port that starts forwarding to the real database only when told to: a database
+    that is down when the worker starts and comes up later."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.port = free_port()
+        self.server: socket.socket | None = None
+
+    def open(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self.target)
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        if self.server:
+            self.server.close()
+
+
+def _wait_for_line(proc: subprocess.Popen, lines: list[str], text: str, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        lines.append(line)
+        if text in line:
+            return line
+    raise AssertionError(f"no line with {text!r}:\n{''.join(lines)}")
+
+
+def test_worker_started_before_the_database_waits_for_it_and_stops_on_sigterm(db_url,
+                                                                             mqtt_broker):
+    """Compose started the policy worker before PostgreSQL accepted connections: it died with
+    a traceback. It must say it is waiting, once per attempt, and go on when the database
+    comes up; SIGTERM while waiting or running ends it cleanly."""
+    parts = urlsplit(db_url)
+    forwarder = Forwarder((parts.hostname, parts.port))
+    netloc = parts.netloc.rpartition("@")
+    url = urlunsplit(parts._replace(
+        netloc=f"{netloc[0]}{netloc[1]}127.0.0.1:{forwarder.port}"))
+    env = dict(os.environ, DATABASE_URL=url, MQTT_HOST=mqtt_broker.host,
+               MQTT_PORT=str(mqtt_broker.port), DEVICE_TO_AGENTS_JSON=json.dumps({SN: ["nas-01"]}),
+               POLICY_INTERVAL_SEC="0.5", LOG_LEVEL="INFO")
+    proc = subprocess.Popen([sys.executable, "-m", "policy"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    try:
+        first = _wait_for_line(proc, lines, "database unavailable at start", 20)
+        assert "retrying" in first and "\n" == first[-1]
+        _wait_for_line(proc, lines, "database unavailable at start", 20)
+        assert proc.poll() is None
+        forwarder.open()
+        _wait_for_line(proc, lines, "1 agents on 1 stations", 40)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        forwarder.close()
+    output = "".join(lines) + proc.stderr.read() + proc.stdout.read()
+    assert "Traceback" not in output, output
+
+
+def test_sigterm_while_waiting_for_the_database_ends_the_worker_cleanly():
+    env = dict(os.environ, DATABASE_URL=f"postgresql://u:pw@127.0.0.1:{free_port()}/db",
+               LOG_LEVEL="INFO")
+    proc = subprocess.Popen([sys.executable, "-m", "policy"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    try:
+        _wait_for_line(proc, lines, "database unavailable at start", 20)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "".join(lines) + proc.stderr.read() + proc.stdout.read()
+    assert "Traceback" not in output, output

@@ -109,3 +109,43 @@ def test_missing_policy_file_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv("POLICY_CONFIG_FILE", str(tmp_path / "nope.yaml"))
     with pytest.raises(SettingsError, match="POLICY_CONFIG_FILE"):
         load_settings()
+
+
+def test_friendly_name_that_looks_like_a_serial_is_warned_about_at_start(db, caplog):
+    """`STUDYROOM` (8-32 capitals) was taken for a serial number: its agent waited for a
+    station that never reports and could never be shut down, and nothing said so."""
+    with caplog.at_level("WARNING"):
+        topology.sync(db, settings(device_to_agents_json='{"STUDYROOM": ["study-pc"]}'))
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "DEVICE_TO_AGENTS_JSON key 'STUDYROOM' looks like a serial number" in warning
+    assert "no station with that serial has reported" in warning
+    assert "study-pc" in warning and "friendly name" in warning
+
+
+def test_supply_in_the_policy_file_that_looks_like_a_serial_is_warned_about(db, tmp_path,
+                                                                           caplog):
+    config = tmp_path / "policy.yaml"
+    config.write_text("agents:\n  nas-01:\n    supplies: [GARAGE42]\n")
+    with caplog.at_level("WARNING"):
+        topology.sync(db, settings(config_file=config))
+    assert any("POLICY_CONFIG_FILE: agent nas-01: supply 'GARAGE42' looks like a serial number"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_a_near_miss_of_a_known_name_is_suggested(db, caplog):
+    db.execute("INSERT INTO devices (device_sn, name) VALUES ('R331ZEB4ZEA0099999', 'Study Room')")
+    with caplog.at_level("WARNING"):
+        topology.sync(db, settings(device_to_agents_json='{"STUDYROOM": ["study-pc"]}'))
+    assert any("did you mean 'Study Room' (R331ZEB4ZEA0099999)" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_known_serials_and_names_that_look_like_serials_are_not_warned_about(db, caplog):
+    db.execute("INSERT INTO devices (device_sn, name) VALUES (%s, NULL),"
+               " ('R331ZEB4ZEA0099999', 'STUDYROOM')", (SN,))
+    with caplog.at_level("WARNING"):
+        topology.sync(db, settings(
+            device_to_agents_json=json.dumps({SN: ["nas-01"], "STUDYROOM": ["study-pc"]})))
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == []
+    assert db.execute("SELECT agent_id, device_sn FROM agent_supplies ORDER BY 1").fetchall() == [
+        ("nas-01", SN), ("study-pc", "R331ZEB4ZEA0099999")]

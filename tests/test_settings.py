@@ -59,3 +59,57 @@ def test_redaction_masks_passwords_in_urls_keys_and_registered_secrets():
 def test_log_records_go_through_redaction():
     record = logging.LogRecord("t", logging.INFO, __file__, 1, "password=%s", ("pw-123456",), None)
     assert "pw-123456" not in RedactingFormatter("%(message)s").format(record)
+
+
+# A password with a special character pasted into DATABASE_URL as it is: psycopg's own error
+# quoted the broken token, password and all, in a traceback.
+MALFORMED_URLS = [
+    "postgresql://u:p%zzsecret-4711@127.0.0.1:1/db",  # '%' not followed by two hex digits
+    "postgresql://u:secret-4711%@127.0.0.1:1/db",  # '%' at the end
+    "postgresql://u:p@ss@secret-4711@127.0.0.1:1/db",  # unencoded '@'
+    "postgresql://u:p#secret-4711@127.0.0.1:1/db",  # unencoded '#'
+    "postgresql://u:pa/secret-4711@127.0.0.1:1/db",  # unencoded '/'
+    "postgresql://u:p?secret-4711@127.0.0.1:1/db",  # unencoded '?'
+    "postgresql://u:4711/secret-4711@127.0.0.1:1/db",  # '/' after a number that looks like a port
+]
+
+
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+def test_malformed_database_url_is_refused_without_echoing_the_password(monkeypatch, url):
+    monkeypatch.setenv("DATABASE_URL", url)
+    with pytest.raises(SettingsError) as err:
+        database_settings()
+    message = str(err.value)
+    assert "DATABASE_URL" in message and "percent-encode" in message
+    assert "secret-4711" not in message
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:p%25ss%40w%2Frd%23x%3F@db:5432/x",
+    "postgresql://db/x?sslmode=require&application_name=ecoflow",
+    "postgresql://u@h1:5432,h2:5433/x",
+    "postgresql://u:p@[::1]:5432/x",
+    "postgresql:///x?host=/var/run/postgresql",
+    "postgresql://db.example/x?user=admin@server",
+])
+def test_well_formed_database_urls_are_accepted(monkeypatch, url):
+    monkeypatch.setenv("DATABASE_URL", url)
+    assert database_settings().libpq_url().endswith(url.split("://", 1)[1])
+
+
+@pytest.mark.parametrize("entry", [["-m", "policy"], ["-m", "policy", "status"],
+                                   ["-m", "collector"]])
+@pytest.mark.parametrize("url", MALFORMED_URLS[:4])
+def test_services_refuse_a_malformed_database_url_without_printing_it(entry, url):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES", "DATABASE"))}
+    env.update(DATABASE_URL=url, MQTT_HOST="127.0.0.1", MQTT_PORT="1", EXPORTER_PORT="0")
+    proc = subprocess.run([sys.executable, *entry], env=env, capture_output=True, text=True,
+                          timeout=20)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "DATABASE_URL" in output and "percent-encode" in output, output
+    assert "secret-4711" not in output and "Traceback" not in output, output

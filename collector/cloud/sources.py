@@ -291,7 +291,7 @@ class CloudMqttSource(_Worker):
     def _connect(self, client_id: str, creds: MqttCredentials) -> None:
         self.creds = creds
         client = cloud_client(client_id, creds, self.ca_file, persistent=True)
-        client.reconnect_delay_set(min_delay=1, max_delay=120)
+        client.reconnect_delay_set(min_delay=1, max_delay=5)  # back within seconds of the broker
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

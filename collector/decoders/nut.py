@@ -1,5 +1,21 @@
 """Network UPS Tools variables (`LIST VAR <ups>`) as a reading: for stations that appear as USB
-HID UPSes (River 3 Plus, Delta 3 Plus), with no cloud in the path at all."""
+HID UPSes (River 3 Plus, Delta 3 Plus), with no cloud in the path at all.
+
+`ups.status` flags are the truth, as for NUT's own upsmon:
+
+- `OB` (on battery) means grid_connected = false, `OL` (on line) true, whatever
+  `input.voltage` says (drivers keep reporting a stale or nominal voltage on battery, or 0 V on
+  line). When both are set, `OB` wins. `input.voltage` (above 50 V = grid) decides only when
+  the status has neither flag.
+- `LB` (low battery) while on battery, and `FSD` (forced shutdown: the UPS is about to cut its
+  output) at any time, mean the UPS itself says the battery is done: the reading gets
+  grid_connected = false and soc_min_percent = 0, the value the policy's SoC trigger looks at,
+  so it fires after the debounce whatever the charge and threshold. soc_percent keeps the
+  reported `battery.charge`, so charts show the real charge.
+- `LB` while on line (charging after an outage) changes nothing: low SoC on grid is never a
+  trigger.
+- Other flags (`CHRG`, `DISCHRG`, `BOOST`, `TRIM`, `RB`, ...) do not change the columns.
+"""
 
 from __future__ import annotations
 
@@ -26,19 +42,23 @@ def decode_vars(ups: str, variables: dict[str, str], device_sn: str | None = Non
         raise DecodeError(f"upsd returned no variables for UPS {ups!r}")
     v = variables.get
     values: dict = {}
+    status = set((v("ups.status") or "").upper().split())
+    # FSD: the UPS will cut its output whatever the grid does; treated as an empty battery.
+    battery_done = "FSD" in status or ("OB" in status and "LB" in status)
+    on_battery = "OB" in status or battery_done
     charge = number(v("battery.charge"))
     if charge is not None:
         values["soc_percent"] = values["soc_min_percent"] = float(charge)
-    status = (v("ups.status") or "").split()
-    on_battery = "OB" in status
+    if battery_done:
+        values["soc_min_percent"] = 0.0
     runtime = number(v("battery.runtime"))
     if runtime is not None and on_battery:
         values["remain_time_min"] = round(runtime / 60)
     volts = number(v("input.voltage"))
-    if volts is not None:
+    if on_battery or "OL" in status:
+        values["grid_connected"] = not on_battery
+    elif volts is not None:
         values["grid_connected"] = volts > 50
-    elif "OL" in status or on_battery:
-        values["grid_connected"] = "OL" in status and not on_battery
     power = number(v("ups.realpower"))
     if power is None:
         load, nominal = number(v("ups.load")), number(v("ups.realpower.nominal"))

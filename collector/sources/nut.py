@@ -2,6 +2,8 @@
 
 The fallback for when the internet fails together with the grid: some gen-3 stations appear
 over USB as HID UPSes, and upsd reports their charge, runtime and on-battery status locally.
+The status flags (OL, OB, LB, FSD) decide grid_connected, and LB on battery or FSD reads as an
+empty battery (soc_min_percent = 0): see collector/decoders/nut.py and docs/policy.md.
 """
 
 from __future__ import annotations

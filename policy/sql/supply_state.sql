@@ -205,7 +205,13 @@ WITH pairs AS (
                 WHEN %(now)s - c.last_received_at > make_interval(secs => c.stale_after_sec)
                      THEN 'stale'
                 ELSE 'fresh' END                                      AS freshness,
-           c.grid_on IS FALSE                                         AS on_battery,
+           -- On battery from the first reading without the grid until the grid has been back
+           -- for the confirmation period: an AC pulse shorter than that is not the grid back,
+           -- so it does not tell the agents' fail-safe "on grid" nor end the on-battery alert.
+           -- The triggers themselves need the latest reading off grid (below): a blip shorter
+           -- than the debounce must never fire because the grid's return is not yet confirmed.
+           c.grid_on IS FALSE OR (c.grid_on AND c.last_off_grid_ts IS NOT NULL)
+                                                                      AS on_battery,
            c.soc_low_since + c.clock_offset
                + make_interval(secs => %(debounce_sec)s)              AS soc_fires_at,
            c.runtime_low_since + c.clock_offset
@@ -215,8 +221,9 @@ WITH pairs AS (
            c.last_received_at + make_interval(secs => c.dead_after_sec) AS dead_fires_at
       FROM conditions c
 ), decided AS (
-    -- Triggers are evaluated only while on battery (a dead station counts as on battery when it
-    -- was last seen so); the one that fired first wins and names the reason.
+    -- Triggers are evaluated only while the latest reading says the grid is off (a dead
+    -- station counts as on battery when it was last seen so); the one that fired first wins
+    -- and names the reason.
     SELECT f.*,
            (SELECT t.name FROM (VALUES
                    ('soc', f.soc_fires_at),
@@ -224,7 +231,7 @@ WITH pairs AS (
                    ('battery_time', f.battery_time_fires_at),
                    ('dead_on_battery', CASE WHEN f.freshness = 'dead' THEN f.dead_fires_at END)
                ) AS t(name, at)
-             WHERE f.on_battery AND t.at <= %(now)s
+             WHERE f.grid_on IS FALSE AND t.at <= %(now)s
              ORDER BY t.at, t.name LIMIT 1)                           AS trigger
       FROM fired f
 )
