@@ -423,14 +423,18 @@ class Worker:
             self.conn.execute(APPLY_ACK, {
                 "id": cmd_id, "status": effective, "advance": advance, "host": host,
                 "detail": detail, "now": now})
-            genuine_refusal = status == "rejected" and not duplicate and advance
-            kind = "command_rejected" if genuine_refusal else "command_acked"
+            # A refusal after the agent took the command is its report that acting failed
+            # (e.g. "SHUTDOWN_CMD failed" at the commit point): the state keeps what the agent
+            # did, and the operator is told.
+            refusal = status == "rejected" and not duplicate
+            kind = ("command_acked" if not refusal else
+                    "command_rejected" if advance else "command_failed")
             self.event(now, kind, agent_id=msg.agent, episode_id=episode, command_id=cmd_id,
                        message=f"{action} {status}" + (f": {detail}" if detail else ""),
                        details={"status": status, "host": host, "detail": detail,
                                 "duplicate": duplicate,
                                 "state": effective if advance else current})
-        if genuine_refusal:
+        if refusal:
             self.alert(now, f"rejected:{cmd_id}", "agent",
                        f"{msg.agent} rejected {action}: {detail or 'no detail'}")
 

@@ -403,6 +403,144 @@ def killed_agent_is_reported_offline(rig: AgentRig) -> None:
     raise AssertionError(f"no offline status after SIGKILL: {rig.commander.seen}")
 
 
+def wait_for_steps(agent: AgentProcess, count: int, timeout: float = TIMEOUT) -> list[dict]:
+    """The dry-run entries once there are at least `count` of them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        entries = agent.dry_run_entries()
+        if len(entries) >= count:
+            return entries
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {count} dry-run entries: {agent.dry_run_entries()}")
+
+
+# Issue 13, item 4: the earlier tool's SHUTDOWN_CMD="shutdown -h now" meant "halt after the
+# pre-shutdown commands"; run when the command was accepted, it halted at once, with no abort
+# window and with the pre-shutdown commands after the halt.
+SEED_HALT = "shutdown -h now"
+
+
+def seed_halt_now_runs_at_the_commit_point_after_the_pre_shutdown_commands(rig: AgentRig) -> None:
+    rig.env["SHUTDOWN_CMD"] = SEED_HALT
+    agent = rig.start()
+    cmd = signed(rig.command(delay_sec=2))
+    accepted = time.time()
+    rig.commander.send(cmd)
+    ack = rig.commander.ack(cmd["id"])
+    assert ack["status"] == "dry_run", ack
+    assert "abort possible until" in ack["detail"], ack
+    assert agent.dry_run_entries() == [], "halted at acceptance, before the abort window"
+    rig.commander.wait("ack", lambda p: p.get("id") == cmd["id"]
+                       and "commit point" in p.get("detail", ""))
+    entries = wait_for_steps(agent, 2)
+    assert [e["step"] for e in entries] == ["pre_shutdown_1", "shutdown"], entries
+    assert entries[1]["argv"] == ["shutdown", "-h", "now"], entries
+    assert entries[1]["ts"] >= accepted + 1.0, (accepted, entries)
+    assert entries[0]["ts"] <= entries[1]["ts"]
+
+
+def seed_halt_now_aborted_inside_the_window_never_runs(rig: AgentRig) -> None:
+    rig.env["SHUTDOWN_CMD"] = SEED_HALT
+    agent = rig.start()
+    shutdown = signed(rig.command(delay_sec=2))
+    rig.commander.send(shutdown)
+    assert rig.commander.ack(shutdown["id"])["status"] == "dry_run"
+    abort = signed(rig.command("abort", delay_sec=0, cancels=shutdown["id"],
+                               episode_id=shutdown["episode_id"], reason="grid back"))
+    rig.commander.send(abort)
+    ack = rig.commander.ack(abort["id"])
+    assert (ack["status"], ack["detail"]) == ("aborted", f"cancelled {shutdown['id']} (dry run)")
+    time.sleep(2.5)  # past the cancelled commit point
+    # No halt, no pre-shutdown command, and no ABORT_CMD: nothing was handed to the OS.
+    assert agent.dry_run_entries() == []
+    assert [a["status"] for a in rig.commander.acks(shutdown["id"], settle=0.2)] == ["dry_run"]
+
+
+def seed_halt_now_in_live_mode_halts_last(rig: AgentRig) -> None:
+    """Real processes: fake pre-shutdown and halt commands that record when they ran."""
+    calls = rig.tmp / "calls.log"
+    bindir = rig.tmp / "seed-bin"
+    bindir.mkdir(exist_ok=True)
+    for name in ("shutdown", "stop-workload"):
+        script = bindir / name
+        script.write_text(f'#!/bin/sh\necho "$(date +%s.%N) {name} $*" >> "{calls}"\n')
+        script.chmod(0o755)
+    rig.env.update(DRY_RUN="false", SHUTDOWN_CMD=f"{bindir}/shutdown -h now",
+                   PRE_SHUTDOWN_CMD_1=f"{bindir}/stop-workload")
+    rig.start()
+    cmd = signed(rig.command(delay_sec=2))
+    accepted = time.time()
+    rig.commander.send(cmd)
+    assert rig.commander.ack(cmd["id"])["status"] == "scheduled"
+    assert not calls.exists(), calls.read_text()
+    done = rig.commander.wait("ack", lambda p: p.get("id") == cmd["id"]
+                              and p["status"] == "executing")
+    assert done["detail"] == "commit point reached; pre-shutdown: 1 ok; halting now", done
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline and len(_lines(calls)) < 2:
+        time.sleep(0.1)
+    lines = [line.split(" ", 1) for line in _lines(calls)]
+    assert [what for _, what in lines] == ["stop-workload ", "shutdown -h now"], lines
+    assert float(lines[0][0]) >= accepted + 1.0, (accepted, lines)
+    assert float(lines[0][0]) <= float(lines[1][0])
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+# What each refusal must tell the user to write instead.
+UNUSABLE_SHUTDOWN_CMDS = {
+    "reboot": "write SHUTDOWN_CMD=shutdown -h +{delay_min}",
+    "shutdown -r now": "write SHUTDOWN_CMD=shutdown -h +{delay_min}",
+    "/usr/local/bin/my-halt-script": "or SHUTDOWN_CMD=shutdown -h now",
+    "halt -f": "or SHUTDOWN_CMD=shutdown -h now",
+    "my-timer --in {delay_sec}": "set ABORT_CMD",
+}
+
+
+def unusable_shutdown_cmd_is_refused_at_start(rig: AgentRig) -> None:
+    for value, advice in UNUSABLE_SHUTDOWN_CMDS.items():
+        agent = rig.launcher(dict(rig.env, SHUTDOWN_CMD=value), rig.tmp).start()
+        try:
+            code = agent.proc.wait(timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            agent.stop()
+            raise AssertionError(f"SHUTDOWN_CMD={value!r} was accepted:\n{agent.output()}") from None
+        agent.stop()
+        assert code != 0, (value, agent.output())
+        assert f"SHUTDOWN_CMD='{value}'" in agent.output(), agent.output()
+        assert advice in agent.output(), (value, agent.output())
+    assert rig.commander.messages.empty(), "a refused configuration must not come online"
+
+
+def agent_is_back_online_soon_after_the_broker_returns(launch, tmp_path: Path) -> None:
+    """Issue 13, item 9: after a 15 s broker outage the agent came back 16 s late (its
+    reconnect back-off had doubled up to 30 s). `launch` is the agent's launcher."""
+    from testbed.mosquitto import MosquittoServer
+
+    # A private broker, because this test stops it; without persistence, so the agent's
+    # retained status is gone with it and only the agent itself can announce "online" again.
+    with MosquittoServer() as broker:
+        rig = AgentRig(launch, broker, tmp_path)
+        try:
+            rig.start()
+            rig.commander.close()
+            broker.halt()
+            time.sleep(16)
+            broker.start()
+            returned = time.monotonic()
+            rig.commander = Commander(broker.host, broker.port, rig.agent_id)
+            rig.wait_online()
+            late = time.monotonic() - returned
+            assert late <= 6, f"online {late:.1f} s after the broker returned"
+            cmd = signed(rig.command("test", delay_sec=0))
+            rig.commander.send(cmd)
+            assert rig.commander.ack(cmd["id"])["status"] == "received"
+        finally:
+            rig.close()
+
+
 SCENARIOS = [
     genuine_command_runs_once_and_redelivery_does_nothing,
     retained_command_runs_nothing,
@@ -418,4 +556,8 @@ SCENARIOS = [
     action_test_runs_nothing_destructive,
     command_sent_while_disconnected_arrives_after_reconnect,
     killed_agent_is_reported_offline,
+    seed_halt_now_runs_at_the_commit_point_after_the_pre_shutdown_commands,
+    seed_halt_now_aborted_inside_the_window_never_runs,
+    seed_halt_now_in_live_mode_halts_last,
+    unusable_shutdown_cmd_is_refused_at_start,
 ]

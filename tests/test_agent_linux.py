@@ -19,6 +19,7 @@ from tests.agent_scenarios import (
     AgentProcess,
     AgentRig,
     Commander,
+    agent_is_back_online_soon_after_the_broker_returns,
     signed,
 )
 
@@ -121,10 +122,17 @@ def test_abort_still_works_after_a_restart_inside_the_window(rig):
     assert [e["step"] for e in second.dry_run_entries()] == ["shutdown", "abort"]
 
 
-def test_failsafe_halts_when_on_battery_and_the_broker_is_gone(tmp_path):
+@pytest.mark.parametrize(("shutdown_cmd", "steps"), [
+    # A timer first, leaving time for the pre-shutdown commands...
+    ("shutdown -h +{delay_min}", ["failsafe_shutdown", "pre_shutdown_1"]),
+    # ...an immediate halt (the earlier tool's setting) last.
+    ("shutdown -h now", ["pre_shutdown_1", "failsafe_shutdown"]),
+])
+def test_failsafe_halts_when_on_battery_and_the_broker_is_gone(shutdown_cmd, steps, tmp_path):
     # A private broker, because this test stops it.
     with MosquittoServer() as broker:
-        rig = AgentRig(launch, broker, tmp_path, FAILSAFE_AFTER_SEC="1")
+        rig = AgentRig(launch, broker, tmp_path, FAILSAFE_AFTER_SEC="1",
+                       SHUTDOWN_CMD=shutdown_cmd)
         try:
             agent = rig.start()
             rig.commander.client.publish(
@@ -136,11 +144,10 @@ def test_failsafe_halts_when_on_battery_and_the_broker_is_gone(tmp_path):
             broker.stop()
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline:
-                if any(e["step"] == "failsafe_shutdown" for e in agent.dry_run_entries()):
+                if len(agent.dry_run_entries()) >= 2:
                     break
                 time.sleep(0.2)
-            assert [e["step"] for e in agent.dry_run_entries()] == [
-                "failsafe_shutdown", "pre_shutdown_1"]
+            assert [e["step"] for e in agent.dry_run_entries()] == steps
         finally:
             for process in rig.processes:
                 process.stop()
@@ -169,3 +176,31 @@ def test_agent_over_tls_with_its_own_broker_user(secure_mqtt_broker, tmp_path):
         agent.stop()
         commander.close()
     assert broker.users["nas-01"] not in agent.output()
+
+
+def test_agent_is_back_online_soon_after_the_broker_returns(tmp_path):
+    agent_is_back_online_soon_after_the_broker_returns(launch, tmp_path)
+
+
+@pytest.mark.parametrize(("value", "mode"), [
+    ("shutdown -h +{delay_min}", "timer"),
+    ("/sbin/shutdown -h +{delay_min} UPS battery low", "timer"),
+    ("shutdown -h now", "halt_at_commit"),
+    ("shutdown -P now 'UPS battery low'", "halt_at_commit"),
+    ("shutdown -h 0", "halt_at_commit"),
+    ("poweroff", "halt_at_commit"),
+    ("systemctl poweroff", "halt_at_commit"),
+    ("halt -p", "halt_at_commit"),
+])
+def test_seed_and_default_shutdown_cmds_keep_their_meaning(value, mode):
+    argv = agent_module.shlex.split(value)
+    assert agent_module.classify_shutdown_cmd(argv, abort_cmd_set=False) == mode
+
+
+@pytest.mark.parametrize("value", [
+    "reboot", "shutdown -r +{delay_min}", "systemctl reboot", "halt -f", "shutdown now -h",
+    "sudo shutdown -h now", "sh -c 'sleep {delay_sec} && poweroff'",
+])
+def test_shutdown_cmds_the_agent_cannot_use_safely_are_refused(value):
+    with pytest.raises(agent_module.ConfigError, match=r"^SHUTDOWN_CMD=.*(write|set ABORT_CMD)"):
+        agent_module.classify_shutdown_cmd(agent_module.shlex.split(value), abort_cmd_set=False)

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.agent_scenarios import REPO, SCENARIOS, VECTORS, AgentProcess, AgentRig, signed
+from tests.agent_scenarios import (
+    REPO,
+    SCENARIOS,
+    VECTORS,
+    AgentProcess,
+    AgentRig,
+    agent_is_back_online_soon_after_the_broker_returns,
+    signed,
+)
 
 SCRIPT = REPO / "agents" / "macos" / "ecoflow-agent.sh"
 
@@ -103,3 +111,7 @@ def test_password_is_not_on_the_command_line(secure_mqtt_broker, tmp_path):
         assert broker.users["pc-01"] not in ps
     finally:
         agent.stop()
+
+
+def test_agent_is_back_online_soon_after_the_broker_returns(tmp_path):
+    agent_is_back_online_soon_after_the_broker_returns(launch, tmp_path)

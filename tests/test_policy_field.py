@@ -146,6 +146,23 @@ def test_any_order_and_repetition_of_acks_ends_in_the_most_advanced_genuine_ack(
         assert rejections == (1 if final == "rejected" else 0), order
 
 
+def test_a_failed_halt_after_executing_keeps_the_state_and_is_reported(db, make_policy):
+    """The agent reached its commit point (`executing`), then its SHUTDOWN_CMD failed: the host
+    is still up. The report must not be lost under the better-ranked `executing`."""
+    agent = agent_name()
+    insert(db, SN, series(0, 50, 10, 80, True))
+    policy = make_policy({SN: [agent]})
+    cmd = Command(agent, "shutdown", 120, 300, int(T0.timestamp()), "ep-halt")
+    policy.worker.create_command(cmd, T0)
+    deliver_to_worker(policy, ack_message(agent, cmd.id, "scheduled"),
+                      ack_message(agent, cmd.id, "executing", "commit point reached"),
+                      ack_message(agent, cmd.id, "rejected", "SHUTDOWN_CMD failed: exit 1"))
+    assert db.execute("SELECT status FROM commands WHERE id = %s",
+                      (cmd.id,)).fetchone() == ("executing",)
+    (_, _, _, _, message, _), = policy.events("command_failed")
+    assert "SHUTDOWN_CMD failed" in message
+
+
 # -- 2. station clocks ------------------------------------------------------------------------
 @pytest.mark.parametrize("offset", [timedelta(hours=-3), timedelta(minutes=-11), timedelta(0),
                                     timedelta(minutes=11), timedelta(hours=3)],

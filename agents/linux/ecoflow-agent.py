@@ -41,6 +41,18 @@ SAFE_TEXT = re.compile(r'^[\x20-\x21\x23-\x5b\x5d-\x7e]*$')
 MAX_PAYLOAD = 4096
 MAX_DELAY_SEC = 86400
 EXECUTED_RETENTION_SEC = 7 * 86400
+# How SHUTDOWN_CMD is used (docs/agents.md, "SHUTDOWN_CMD"): a command with one of these
+# placeholders is an OS halt timer, set when a shutdown is accepted and cancelled by ABORT_CMD;
+# a known immediate halt is run at the commit point, after the pre-shutdown commands.
+DELAY_PLACEHOLDERS = ("{delay_min}", "{delay_sec}")
+TIMER = "timer"
+HALT_AT_COMMIT = "halt_at_commit"
+# Back-off between reconnect attempts: short, so the agent is back within a few seconds of the
+# broker's return (with paho's default doubling up to 30 s a 15 s outage cost 16 s more).
+RECONNECT_MIN_SEC = 1
+RECONNECT_MAX_SEC = 2
+# How long an ack sent just before halting may take to leave.
+LAST_ACK_WAIT_SEC = 2
 
 log = logging.getLogger("ecoflow-agent")
 
@@ -105,6 +117,54 @@ def _argv(env, name, default):
     return argv
 
 
+def classify_shutdown_cmd(argv, abort_cmd_set):
+    """TIMER or HALT_AT_COMMIT for SHUTDOWN_CMD, or raise ConfigError saying what to write.
+
+    The earlier tool's SHUTDOWN_CMD="shutdown -h now" meant "halt after the pre-shutdown
+    commands"; run at acceptance it would halt at once, with no abort window. So only a timer
+    (it has a delay placeholder) is run at acceptance, only a known immediate halt is run at
+    the commit point, and anything else is refused before it can surprise anyone."""
+    text = " ".join(argv)
+    program, args = os.path.basename(argv[0]), argv[1:]
+    recommended = ("write SHUTDOWN_CMD=shutdown -h +{delay_min} (recommended: the OS halts even "
+                   "if the agent dies) or SHUTDOWN_CMD=shutdown -h now (halts at the commit "
+                   "point, after the PRE_SHUTDOWN_CMD_n commands)")
+    short_flags = "".join(a[1:] for a in args if a.startswith("-") and not a.startswith("--"))
+    if (program == "reboot" or (program == "shutdown" and ("r" in short_flags or "--reboot" in args))
+            or (program == "systemctl" and args[:1] in (["reboot"], ["kexec"], ["soft-reboot"]))):
+        raise ConfigError(f"SHUTDOWN_CMD={text!r} restarts the host instead of halting it (it "
+                          f"would come back up on battery): {recommended}")
+    if any(p in a for a in argv for p in DELAY_PLACEHOLDERS):
+        if program != "shutdown" and not abort_cmd_set:
+            raise ConfigError(
+                f"SHUTDOWN_CMD={text!r} sets a halt timer but ABORT_CMD is not set, so an abort "
+                "could not cancel it: set ABORT_CMD to the command that cancels this timer, or "
+                "write SHUTDOWN_CMD=shutdown -h +{delay_min} (cancelled by the default "
+                "ABORT_CMD=shutdown -c)")
+        return TIMER
+    if _is_immediate_halt(program, args):
+        return HALT_AT_COMMIT
+    raise ConfigError(
+        f"SHUTDOWN_CMD={text!r} is neither a halt timer (a command with {{delay_min}} or "
+        "{delay_sec}) nor a known immediate halt (shutdown -h now, shutdown -h 0, poweroff, "
+        f"halt, systemctl poweroff): {recommended}")
+
+
+def _is_immediate_halt(program, args):
+    if program == "shutdown":
+        flags = [a for a in args if a.startswith("-")]
+        rest = [a for a in args if not a.startswith("-")]
+        # shutdown [-h|-P|-H] now|0|+0 [wall message]
+        return (set(flags) <= {"-h", "-P", "-H", "--halt", "--poweroff", "--no-wall"}
+                and rest[:1] in (["now"], ["0"], ["+0"])
+                and args.index(rest[0]) == len(flags))
+    if program in ("poweroff", "halt"):
+        return set(args) <= {"-p", "--poweroff", "--no-wall"}
+    if program == "systemctl":
+        return args[:1] in (["poweroff"], ["halt"]) and set(args[1:]) <= {"--no-wall"}
+    return False
+
+
 class Settings:
     """Everything the agent reads from its environment, validated once at start."""
 
@@ -135,6 +195,8 @@ class Settings:
         ]
         self.shutdown_cmd = _argv(env, "SHUTDOWN_CMD", "shutdown -h +{delay_min}")
         self.abort_cmd = _argv(env, "ABORT_CMD", "shutdown -c")
+        self.shutdown_mode = classify_shutdown_cmd(self.shutdown_cmd,
+                                                   bool(env.get("ABORT_CMD", "").strip()))
         self.failsafe_after_sec = _int(env, "FAILSAFE_AFTER_SEC", 0, 0, 86400)
         self.host = socket.gethostname()
 
@@ -305,7 +367,7 @@ class Agent:
         if s.mqtt_tls:
             client.tls_set(ca_certs=s.mqtt_tls_ca or None)
         client.will_set(f"{s.topic_prefix}/status", self._status("offline"), qos=1, retain=True)
-        client.reconnect_delay_set(1, 30)
+        client.reconnect_delay_set(RECONNECT_MIN_SEC, RECONNECT_MAX_SEC)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -346,10 +408,16 @@ class Agent:
         if not self.stopping.is_set():
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
-    def ack(self, command_id, status, detail):
+    def ack(self, command_id, status, detail, wait=0):
+        """Publish an ack; with `wait`, give it that many seconds to leave (before a halt)."""
         payload = {"id": command_id, "agent": self.s.agent_id, "status": status,
                    "host": self.s.host, "ts": int(time.time()), "detail": detail}
-        self.client.publish(f"{self.s.topic_prefix}/ack", json.dumps(payload), qos=1)
+        info = self.client.publish(f"{self.s.topic_prefix}/ack", json.dumps(payload), qos=1)
+        if wait:
+            try:
+                info.wait_for_publish(wait)
+            except (RuntimeError, ValueError):
+                log.warning("ack %s for %s could not be sent before halting", status, command_id)
 
     def _on_message(self, client, userdata, message):
         if message.topic.endswith("/supply"):
@@ -416,8 +484,10 @@ class Agent:
             self.executed.add(command_id)
             log.info("%s accepted: %s", where, cmd["reason"] or "no reason given")
             if action == "test":
+                when = "" if self.s.shutdown_mode == TIMER else (
+                    " at the commit point, after the pre-shutdown commands")
                 self.ack(command_id, "received",
-                         "test ok: would run " + shlex.join(self._shutdown_argv(0)))
+                         "test ok: would run " + shlex.join(self._shutdown_argv(0)) + when)
                 return
             self._schedule(cmd, where)
 
@@ -434,27 +504,33 @@ class Agent:
 
     def _schedule(self, cmd, where):
         command_id, delay = cmd["id"], cmd["delay_sec"]
-        # The OS timer is set first, so the host halts even if this agent dies in the window.
-        ok, detail = self.executor.run("shutdown", self._shutdown_argv(delay), command_id, 60)
-        if not ok:
-            log.error("%s: SHUTDOWN_CMD failed: %s", where, detail)
-            self.ack(command_id, "rejected", f"SHUTDOWN_CMD failed: {detail}")
-            return
+        os_timer = self.s.shutdown_mode == TIMER
+        if os_timer:
+            # The OS timer is set first, so the host halts even if this agent dies in the window.
+            ok, detail = self.executor.run("shutdown", self._shutdown_argv(delay), command_id, 60)
+            if not ok:
+                log.error("%s: SHUTDOWN_CMD failed: %s", where, detail)
+                self.ack(command_id, "rejected", f"SHUTDOWN_CMD failed: {detail}")
+                return
+        # An immediate halt (SHUTDOWN_CMD=shutdown -h now) waits for the commit point.
         commit_at = time.time() + delay
-        self._arm(command_id, commit_at)
+        self._arm(command_id, commit_at, os_timer)
         status = "dry_run" if self.s.dry_run else "scheduled"
         log.info("%s %s: commit point in %d s", where, status, delay)
         self.ack(command_id, status, f"shutdown in {delay} s; abort possible until "
                                      f"{int(commit_at)}")
 
-    def _arm(self, command_id, commit_at):
+    def _arm(self, command_id, commit_at, os_timer):
         """Start the window's timer and remember it on disk, so an agent restarted inside
-        the window can still honour an abort and still reach the commit point."""
-        _write_json(self.pending_file, {"id": command_id, "commit_at": commit_at})
+        the window can still honour an abort and still reach the commit point. `os_timer`:
+        SHUTDOWN_CMD already set the OS halt timer (else the halt is run at the commit point)."""
+        _write_json(self.pending_file, {"id": command_id, "commit_at": commit_at,
+                                        "os_timer": os_timer})
         timer = threading.Timer(max(0.0, commit_at - time.time()), self._commit,
                                 args=(command_id,))
         timer.daemon = True
-        self.pending = {"id": command_id, "commit_at": commit_at, "timer": timer}
+        self.pending = {"id": command_id, "commit_at": commit_at, "timer": timer,
+                        "os_timer": os_timer}
         timer.start()
 
     def restore_pending(self):
@@ -462,6 +538,8 @@ class Agent:
             with open(self.pending_file, encoding="utf-8") as fh:
                 saved = json.load(fh)
             command_id, commit_at = str(saved["id"]), float(saved["commit_at"])
+            # Files written before the halt-at-commit mode existed always meant an OS timer.
+            os_timer = saved.get("os_timer", True) is not False
         except FileNotFoundError:
             return
         except (ValueError, KeyError, TypeError):
@@ -470,25 +548,41 @@ class Agent:
         log.info("resuming the window of shutdown %s (commit point in %.0f s)", command_id,
                  max(0.0, commit_at - time.time()))
         with self.lock:
-            self._arm(command_id, commit_at)
+            self._arm(command_id, commit_at, os_timer)
 
     def _commit(self, command_id):
         with self.lock:
             if self.pending is None or self.pending["id"] != command_id:
                 return
+            os_timer = self.pending["os_timer"]
             self.pending = None
             self.committed.add(command_id)
             _remove(self.pending_file)
         log.info("shutdown %s reached its commit point: no abort from now on", command_id)
+        failures = self._run_pre_shutdown(command_id)
+        detail = "commit point reached; pre-shutdown: " + (
+            "; ".join(failures) if failures else f"{len(self.s.pre_shutdown)} ok")
+        status = "dry_run" if self.s.dry_run else "executing"
+        if os_timer:
+            self.ack(command_id, status, detail)
+            return
+        # Halt last: the ack goes out first, as the host may not get another chance.
+        self.ack(command_id, status, detail + "; halting now", wait=LAST_ACK_WAIT_SEC)
+        ok, halt_detail = self.executor.run("shutdown", self._shutdown_argv(0), command_id, 60)
+        if not ok:
+            log.critical("shutdown %s: SHUTDOWN_CMD failed, the host is NOT halting: %s",
+                         command_id, halt_detail)
+            self.ack(command_id, "rejected", f"SHUTDOWN_CMD failed: {halt_detail}")
+
+    def _run_pre_shutdown(self, command_id):
+        """PRE_SHUTDOWN_CMD_1..9 in order; the failures, each reported, none blocking."""
         failures = []
         for n, argv in enumerate(self.s.pre_shutdown, 1):
             ok, detail = self.executor.run(f"pre_shutdown_{n}", argv, command_id,
                                            self.s.pre_timeout_sec)
             if not ok:
                 failures.append(f"PRE_SHUTDOWN_CMD_{n}: {detail}")
-        detail = "commit point reached; pre-shutdown: " + (
-            "; ".join(failures) if failures else f"{len(self.s.pre_shutdown)} ok")
-        self.ack(command_id, "dry_run" if self.s.dry_run else "executing", detail)
+        return failures
 
     def _abort(self, cmd, where):
         command_id, target = cmd["id"], cmd["cancels"]
@@ -502,8 +596,15 @@ class Agent:
             return
         self.executed.add(command_id)
         self.pending["timer"].cancel()
+        os_timer = self.pending["os_timer"]
         self.pending = None
         _remove(self.pending_file)
+        if not os_timer:
+            # Nothing was handed to the OS: cancelling the agent's window is the whole abort.
+            log.info("%s: shutdown %s aborted", where, target)
+            self.ack(command_id, "aborted", f"cancelled {target}" + (" (dry run)"
+                                                                     if self.s.dry_run else ""))
+            return
         ok, detail = self.executor.run("abort", list(self.s.abort_cmd), command_id, 60)
         if not ok:
             # The agent's window is cancelled either way; the OS timer may still run.
@@ -540,9 +641,13 @@ class Agent:
             self.failsafe_fired = True
         log.critical("fail-safe: on battery and no broker for %d s: shutting down",
                      self.s.failsafe_after_sec)
-        self.executor.run("failsafe_shutdown", self._shutdown_argv(0), "failsafe", 60)
-        for n, argv in enumerate(self.s.pre_shutdown, 1):
-            self.executor.run(f"pre_shutdown_{n}", argv, "failsafe", self.s.pre_timeout_sec)
+        if self.s.shutdown_mode == TIMER:
+            # Timer first, leaving time for the pre-shutdown commands; an immediate halt last.
+            self.executor.run("failsafe_shutdown", self._shutdown_argv(0), "failsafe", 60)
+            self._run_pre_shutdown("failsafe")
+        else:
+            self._run_pre_shutdown("failsafe")
+            self.executor.run("failsafe_shutdown", self._shutdown_argv(0), "failsafe", 60)
 
     def run(self):
         self.restore_pending()
@@ -601,6 +706,10 @@ def main(argv=None):
                     "same key as the policy worker")
     log.info("agent %s starting (dry run: %s, tls: %s, broker %s:%d)", settings.agent_id,
              settings.dry_run, settings.mqtt_tls, settings.mqtt_host, settings.mqtt_port)
+    log.info("SHUTDOWN_CMD %s %s", shlex.join(settings.shutdown_cmd),
+             "is set as an OS timer when a shutdown is accepted"
+             if settings.shutdown_mode == TIMER else
+             "is run at the commit point, after the pre-shutdown commands")
     agent = Agent(settings)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: agent.stopping.set())

@@ -61,9 +61,13 @@ configure() {
     DRYLOG=${DRY_RUN_LOG:-$STATE/dry-run.jsonl}
     PRE_TIMEOUT=${PRE_SHUTDOWN_TIMEOUT_SEC:-60}
     is_int "$PRE_TIMEOUT" || die "PRE_SHUTDOWN_TIMEOUT_SEC is not an integer"
-    SHUTDOWN_CMD=${SHUTDOWN_CMD:-shutdown -h +{delay_min}}
+    # Quoted: an unquoted '}' in the default would end the expansion and be appended to a
+    # value that is set.
+    SHUTDOWN_CMD=${SHUTDOWN_CMD:-'shutdown -h +{delay_min}'}
+    ABORT_SET=${ABORT_CMD:-}
     # macOS shutdown(8) has no -c: a pending shutdown is cancelled by ending its process.
     ABORT_CMD=${ABORT_CMD:-killall shutdown}
+    classify_shutdown_cmd
     PRE_COUNT=0
     local n v
     for n in 1 2 3 4 5 6 7 8 9; do
@@ -73,6 +77,60 @@ configure() {
     HOST=$(hostname)
     PREFIX="power-manager/$AGENT_ID"
     CLIENT_ID="ecoflow-agent-$AGENT_ID"
+}
+
+# How SHUTDOWN_CMD is used (docs/agents.md, "SHUTDOWN_CMD"): with a {delay_min}/{delay_sec}
+# placeholder it is an OS halt timer, set when a shutdown is accepted and cancelled by
+# ABORT_CMD (SHUTDOWN_MODE=timer); a known immediate halt such as the earlier tool's
+# "shutdown -h now" is run at the commit point, after the pre-shutdown commands
+# (SHUTDOWN_MODE=commit); anything else is refused at start, saying what to write instead.
+classify_shutdown_cmd() {
+    local -a argv
+    local prog a short='' recommended
+    read -r -a argv <<< "$SHUTDOWN_CMD"
+    prog=${argv[0]##*/}
+    for a in "${argv[@]:1}"; do case $a in --*) ;; -*) short="$short${a#-}" ;; esac; done
+    recommended="write SHUTDOWN_CMD=shutdown -h +{delay_min} (recommended: the OS halts even if the agent dies) or SHUTDOWN_CMD=shutdown -h now (halts at the commit point, after the PRE_SHUTDOWN_CMD_n commands)"
+    if [ "$prog" = reboot ] \
+        || { [ "$prog" = shutdown ] && { [[ $short == *r* ]] || [[ " ${argv[*]} " == *" --reboot "* ]]; }; } \
+        || { [ "$prog" = systemctl ] && [[ ${argv[1]:-} =~ ^(reboot|kexec|soft-reboot)$ ]]; }; then
+        die "SHUTDOWN_CMD='$SHUTDOWN_CMD' restarts the host instead of halting it (it would come back up on battery): $recommended"
+    fi
+    case $SHUTDOWN_CMD in *'{delay_min}'*|*'{delay_sec}'*)
+        if [ "$prog" != shutdown ] && [ -z "$ABORT_SET" ]; then
+            die "SHUTDOWN_CMD='$SHUTDOWN_CMD' sets a halt timer but ABORT_CMD is not set, so an abort could not cancel it: set ABORT_CMD to the command that cancels this timer, or write SHUTDOWN_CMD=shutdown -h +{delay_min} (cancelled by the default ABORT_CMD=killall shutdown)"
+        fi
+        SHUTDOWN_MODE=timer
+        return ;;
+    esac
+    if is_immediate_halt "$prog" "${argv[@]:1}"; then
+        SHUTDOWN_MODE=commit
+        return
+    fi
+    die "SHUTDOWN_CMD='$SHUTDOWN_CMD' is neither a halt timer (a command with {delay_min} or {delay_sec}) nor a known immediate halt (shutdown -h now, shutdown -h 0, poweroff, halt, systemctl poweroff): $recommended"
+}
+
+is_immediate_halt() { # program args...
+    local prog=$1 a at=''
+    shift
+    case $prog in
+    shutdown) # shutdown [-h|-P|-H] now|0|+0 [wall message]
+        for a; do
+            case $a in
+            -h|-P|-H|--halt|--poweroff|--no-wall) [ -z "$at" ] || return 1 ;;
+            -*) return 1 ;;
+            now|0|+0) [ -n "$at" ] || at=$a ;;
+            *) [ -n "$at" ] || return 1 ;;
+            esac
+        done
+        [ -n "$at" ] ;;
+    poweroff|halt)
+        for a; do case $a in -p|--poweroff|--no-wall) ;; *) return 1 ;; esac; done ;;
+    systemctl)
+        case ${1:-} in poweroff|halt) shift ;; *) return 1 ;; esac
+        for a; do [ "$a" = --no-wall ] || return 1; done ;;
+    *) return 1 ;;
+    esac
 }
 
 # Client settings go to option files that mosquitto_sub/pub read from XDG_CONFIG_HOME, so
@@ -207,8 +265,8 @@ shutdown_argv() { # delay_sec -> sets ARGV
 }
 
 # The window: a background timer that reaches the commit point unless an abort kills it.
-commit() { # id
-    local cid=$1 n v failures='' ok=0
+commit() { # id mode
+    local cid=$1 mode=$2 n v failures='' ok=0
     printf '%s\n' "$cid" >> "$STATE/committed-ids"
     rm -f "$STATE/pending"
     log INFO "shutdown $cid reached its commit point: no abort from now on"
@@ -223,14 +281,24 @@ commit() { # id
         fi
     done
     if $DRY; then v=dry_run; else v=executing; fi
-    ack "$cid" "$v" "commit point reached; pre-shutdown: ${failures:-$ok ok}"
+    if [ "$mode" = timer ]; then
+        ack "$cid" "$v" "commit point reached; pre-shutdown: ${failures:-$ok ok}"
+        return
+    fi
+    # Halt last; the ack goes out first, as the host may not get another chance.
+    ack "$cid" "$v" "commit point reached; pre-shutdown: ${failures:-$ok ok}; halting now"
+    shutdown_argv 0
+    if ! run_step shutdown "$cid" 60 "${ARGV[@]}"; then
+        log ERROR "shutdown $cid: SHUTDOWN_CMD failed, the host is NOT halting: $STEP_DETAIL"
+        ack "$cid" rejected "SHUTDOWN_CMD failed: $STEP_DETAIL"
+    fi
 }
 
-arm() { # id commit_at
-    printf '%s %s\n' "$1" "$2" > "$STATE/pending.tmp" && mv "$STATE/pending.tmp" "$STATE/pending"
+arm() { # id commit_at mode (timer: SHUTDOWN_CMD already set the OS timer; commit: halt then)
+    printf '%s %s %s\n' "$1" "$2" "$3" > "$STATE/pending.tmp" && mv "$STATE/pending.tmp" "$STATE/pending"
     local wait_for=$(( $2 - $(date +%s) ))
     [ $wait_for -lt 0 ] && wait_for=0
-    ( trap 'exit 0' TERM; sleep "$wait_for" & wait $!; commit "$1" ) &
+    ( trap 'exit 0' TERM; sleep "$wait_for" & wait $!; commit "$1" "$3" ) &
     TIMER_PID=$!
     printf '%s\n' "$TIMER_PID" > "$STATE/pending.pid"
 }
@@ -239,7 +307,7 @@ remember() { printf '%s %s\n' "$1" "$(date +%s)" >> "$STATE/executed-ids"; sync;
 seen() { [ -f "$STATE/executed-ids" ] && cut -d' ' -f1 "$STATE/executed-ids" | grep -Fxq -- "$1"; }
 
 handle() { # retain_flag payload
-    local retained=$1 payload=$2 f v where now expected target pending_id pending_at
+    local retained=$1 payload=$2 f v where now expected target pending_id pending_at pending_mode
     # The id, when there is a usable one, so that even a malformed command gets its ack.
     C_id=$(json_field "$payload" id) || C_id=''
     [[ $C_id =~ ^[[:print:]]{1,200}$ ]] && [[ $C_id != *\\* ]] || C_id=''
@@ -308,8 +376,8 @@ handle() { # retain_flag payload
         ack "$C_id" rejected duplicate
         return
     fi
-    pending_id='' pending_at=0
-    [ -f "$STATE/pending" ] && read -r pending_id pending_at < "$STATE/pending"
+    pending_id='' pending_at=0 pending_mode=''
+    [ -f "$STATE/pending" ] && read -r pending_id pending_at pending_mode < "$STATE/pending"
     case $C_action in
     abort)
         target=$C_cancels
@@ -327,6 +395,13 @@ handle() { # retain_flag payload
         remember "$C_id"
         [ -f "$STATE/pending.pid" ] && kill "$(cat "$STATE/pending.pid")" 2>/dev/null
         rm -f "$STATE/pending" "$STATE/pending.pid"
+        if [ "$pending_mode" = commit ]; then
+            # Nothing was handed to the OS: cancelling the agent's window is the whole abort.
+            log INFO "$where: shutdown $target aborted"
+            if $DRY; then ack "$C_id" aborted "cancelled $target (dry run)"
+            else ack "$C_id" aborted "cancelled $target"; fi
+            return
+        fi
         read -r -a ARGV <<< "$ABORT_CMD"
         if run_step abort "$C_id" 60 "${ARGV[@]}"; then
             log INFO "$where: shutdown $target aborted"
@@ -340,7 +415,8 @@ handle() { # retain_flag payload
         remember "$C_id"
         shutdown_argv 0
         log INFO "$where accepted: test"
-        ack "$C_id" received "test ok: would run ${ARGV[*]}"
+        if [ "$SHUTDOWN_MODE" = timer ]; then ack "$C_id" received "test ok: would run ${ARGV[*]}"
+        else ack "$C_id" received "test ok: would run ${ARGV[*]} at the commit point, after the pre-shutdown commands"; fi
         ;;
     shutdown)
         if [ -n "$pending_id" ]; then
@@ -350,13 +426,16 @@ handle() { # retain_flag payload
         fi
         remember "$C_id"
         log INFO "$where accepted: ${C_reason:-no reason given}"
-        shutdown_argv "$C_delay_sec"
-        # The OS timer is set first, so the host halts even if this agent dies in the window.
-        if ! run_step shutdown "$C_id" 60 "${ARGV[@]}"; then
-            ack "$C_id" rejected "SHUTDOWN_CMD failed: $STEP_DETAIL"
-            return
+        if [ "$SHUTDOWN_MODE" = timer ]; then
+            shutdown_argv "$C_delay_sec"
+            # The OS timer is set first, so the host halts even if this agent dies in the window.
+            if ! run_step shutdown "$C_id" 60 "${ARGV[@]}"; then
+                ack "$C_id" rejected "SHUTDOWN_CMD failed: $STEP_DETAIL"
+                return
+            fi
         fi
-        arm "$C_id" $((now + C_delay_sec))
+        # An immediate halt (SHUTDOWN_CMD=shutdown -h now) waits for the commit point.
+        arm "$C_id" $((now + C_delay_sec)) "$SHUTDOWN_MODE"
         if $DRY; then v=dry_run; else v=scheduled; fi
         log INFO "$where $v: commit point in $C_delay_sec s"
         ack "$C_id" "$v" "shutdown in $C_delay_sec s; abort possible until $((now + C_delay_sec))"
@@ -376,10 +455,16 @@ main() {
     write_client_config
     make_pads
     log INFO "agent $AGENT_ID starting (dry run: $DRY, tls: $TLS, broker $MQTT_HOST:$MQTT_PORT)"
+    if [ "$SHUTDOWN_MODE" = timer ]; then
+        log INFO "SHUTDOWN_CMD $SHUTDOWN_CMD is set as an OS timer when a shutdown is accepted"
+    else
+        log INFO "SHUTDOWN_CMD $SHUTDOWN_CMD is run at the commit point, after the pre-shutdown commands"
+    fi
     if [ -f "$STATE/pending" ]; then
-        read -r pending_id pending_at < "$STATE/pending"
+        read -r pending_id pending_at pending_mode < "$STATE/pending"
         log INFO "resuming the window of shutdown $pending_id"
-        arm "$pending_id" "$pending_at"
+        # A file written before the halt-at-commit mode existed always meant an OS timer.
+        arm "$pending_id" "$pending_at" "${pending_mode:-timer}"
     fi
     # A fixed client id and a persistent session (-c -i -x): commands sent during a short
     # disconnect are queued by the broker. --retain-as-published keeps the retain flag, so a
@@ -399,13 +484,38 @@ main() {
     mosquitto_sub "${SUB_OPTS[@]}" -t "$PREFIX/status" --will-topic "$PREFIX/status" \
         --will-payload "$(status_json offline)" --will-qos 1 --will-retain > "$FIFO" 2>&1 &
     SUB_PID=$!
-    trap 'kill $SUB_PID 2>/dev/null; publish "$PREFIX/status" "$(status_json offline)" retain; exit 0' TERM INT
-    publish "$PREFIX/status" "$(status_json offline)" retain
+    WATCH_PID=''
+    if command -v lsof > /dev/null; then
+        watch_connection "$SUB_PID" &
+        WATCH_PID=$!
+    else
+        log WARNING "lsof not found: after a reconnect \"online\" is announced only if the broker kept this agent's status"
+        publish "$PREFIX/status" "$(status_json offline)" retain
+    fi
+    trap 'kill $SUB_PID $WATCH_PID 2>/dev/null; publish "$PREFIX/status" "$(status_json offline)" retain; exit 0' TERM INT
     while IFS= read -r line; do dispatch "$line"; done < "$FIFO" &
     wait $!
     log ERROR "mosquitto_sub ended; exiting so launchd restarts the agent"
-    kill $SUB_PID 2>/dev/null
+    kill $SUB_PID $WATCH_PID 2>/dev/null
     exit 1
+}
+
+# mosquitto_sub reconnects by itself, once a second, but says nothing when it does; and a
+# broker that lost its retained messages (restarted without persistence) has no status to
+# echo back, so "online" would never be announced again. So watch the subscriber's TCP
+# connection (a local look, no broker traffic): whenever it is a new one, the first included,
+# announce "offline" and let its echo prove the subscription (dispatch then says "online").
+watch_connection() { # subscriber pid
+    local last='' now
+    while kill -0 "$1" 2>/dev/null; do
+        now=$(lsof -a -n -P -p "$1" -iTCP -sTCP:ESTABLISHED -Fn 2>/dev/null | grep '^n' | head -n 1)
+        if [ -n "$now" ] && [ "$now" != "$last" ]; then
+            [ -n "$last" ] && log INFO "reconnected to the broker"
+            publish "$PREFIX/status" "$(status_json offline)" retain
+            last=$now
+        fi
+        sleep 1
+    done
 }
 
 dispatch() { # one line of mosquitto_sub output
