@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from functools import cache
 from pathlib import Path
 
@@ -18,14 +18,58 @@ def load_sql(name: str) -> str:
     return (SQL_DIR / f"{name}.sql").read_text(encoding="utf-8")
 
 
+# The rules read the readings of this last day (on the station's clock). A station whose
+# result may depend on older ones (history_cut in supply_state.sql) is evaluated again around
+# its last reading, then, if that is not enough either, over all of its history.
+HISTORY = timedelta(days=1)
+_ALL_HISTORY = (datetime(1, 1, 2, tzinfo=timezone.utc), datetime(9999, 12, 30, tzinfo=timezone.utc))
+
+# Devices' last reading (kept by the collector's writer), for the window of a silent station.
+_LAST_SEEN = """
+SELECT min(last_seen), max(last_seen), bool_and(last_seen IS NOT NULL)
+  FROM devices WHERE device_sn = ANY(%s)
+"""
+
+
 def supply_rows(conn: psycopg.Connection, now: datetime, params: dict) -> list[dict]:
-    """One dict per (agent, supply) as of `now`; see supply_state.sql for the columns."""
+    """One dict per (agent, supply) as of `now`; see supply_state.sql for the columns.
+
+    The cost of an evaluation follows the window it reads, not the history kept: a first run
+    reads one day (HISTORY); the stations whose result may need older readings are evaluated
+    again over the day around their last reading, and those still cut over all history."""
     with conn.cursor(row_factory=dict_row) as cur:
         # The rules are many small index lookups whose estimated cost crosses jit_above_cost;
         # compiling them would take longer than running them.
         cur.execute("SET jit = off")
-        cur.execute(load_sql("supply_state"), dict(params, now=now))
-        return cur.fetchall()
+        # Plan every run with its values: a generic plan (what PostgreSQL switches a prepared
+        # statement to after five runs) cannot skip chunks by the window, so each evaluation
+        # would again cost as much as the history is long.
+        cur.execute("SET plan_cache_mode = force_custom_plan")
+        rows = _evaluate(cur, now, params, now - HISTORY, _ALL_HISTORY[1], None)
+        cut = sorted({r["device_sn"] for r in rows if r["history_cut"]})
+        if cut:
+            first, last, known = cur.execute(_LAST_SEEN, (cut,)).fetchone().values()
+            if known and first is not None and first < now - HISTORY:
+                again = _evaluate(cur, now, params, first - HISTORY, last + HISTORY, cut)
+                rows = _replace(rows, again)
+                cut = sorted({r["device_sn"] for r in again if r["history_cut"]})
+        if cut:
+            rows = _replace(rows, _evaluate(cur, now, params, *_ALL_HISTORY, cut,
+                                            bounded=False))
+        return rows
+
+
+def _evaluate(cur, now, params, horizon, until, only, bounded=True) -> list[dict]:
+    cur.execute(load_sql("supply_state"), dict(params, now=now, horizon=horizon, until=until,
+                                               only=only, bounded=bounded))
+    return cur.fetchall()
+
+
+def _replace(rows: list[dict], better: list[dict]) -> list[dict]:
+    """`rows` with the rows of the stations in `better` taken from `better`."""
+    stations = {r["device_sn"] for r in better}
+    merged = [r for r in rows if r["device_sn"] not in stations] + better
+    return sorted(merged, key=lambda r: (r["agent_id"], r["device_sn"]))
 
 
 @dataclass

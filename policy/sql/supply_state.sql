@@ -16,19 +16,24 @@
 -- readings, not from the worker's memory: a restarted worker reaches the same decision at the
 -- same moment.
 --
--- Parameters: now, soc_min, soc_margin, runtime_min, runtime_margin, max_on_battery_sec,
--- debounce_sec, confirm_sec, cooldown_sec, rearm_soc, slope_window_sec.
-WITH pairs AS (
-    SELECT a.agent_id, a.tier, a.min_supplies, a.shutdown_delay_sec,
-           s.device_sn, d.name AS device_name,
-           d.stale_after_sec, d.dead_after_sec,
-           coalesce(a.soc_threshold, %(soc_min)s)::float8               AS soc_thr,
-           coalesce(a.runtime_threshold_min, %(runtime_min)s)::float8   AS runtime_thr,
-           coalesce(a.max_on_battery_sec, %(max_on_battery_sec)s)::float8 AS battery_limit_sec
+-- Every lookup in the hypertable reads only ts BETWEEN %(horizon)s AND %(until)s, values the
+-- planner sees (policy/rules.py plans each run anew), so it skips every chunk outside the
+-- window: a year of history costs what a day does. `history_cut` says when a row's result may
+-- depend on older readings (no reading in the window from a station that has reported, an
+-- outage or a grid flapping without re-arm for longer than the window); rules.py then
+-- evaluates those stations again over a wider window, up to all of their history, so the
+-- window changes no decision. %(only)s (null: all) limits the run to some stations.
+--
+-- Parameters: now, horizon, until, bounded (false when the window is all history), only, soc_min, soc_margin, runtime_min, runtime_margin,
+-- max_on_battery_sec, debounce_sec, confirm_sec, cooldown_sec, rearm_soc, slope_window_sec.
+WITH stations AS (
+    -- Each station once, however many agents it supplies: its state is computed once.
+    SELECT DISTINCT d.device_sn, d.name AS device_name, d.stale_after_sec, d.dead_after_sec,
+           d.last_seen
       FROM agents a
       JOIN agent_supplies s ON s.agent_id = a.agent_id
       JOIN devices d ON d.device_sn = s.device_sn
-     WHERE a.enabled
+     WHERE a.enabled AND (%(only)s::text[] IS NULL OR d.device_sn = ANY(%(only)s::text[]))
 ), clock AS (
     SELECT p.*,
            latest.ts AS last_ts,
@@ -37,7 +42,7 @@ WITH pairs AS (
            latest.remain_time_min,
            coalesce(latest.received_at - latest.ts, interval '0')  AS clock_offset,
            %(now)s - coalesce(latest.received_at - latest.ts, interval '0') AS dev_now
-      FROM pairs p
+      FROM stations p
       -- The newest reading received by now; newest on the station's clock, which orders one
       -- station's readings as it sent them.
       LEFT JOIN LATERAL (
@@ -45,7 +50,9 @@ WITH pairs AS (
                    coalesce(m.soc_min_percent, m.soc_percent)::float8 AS soc,
                    m.remain_time_min
               FROM ecoflow_measurements m
-             WHERE m.device_sn = p.device_sn AND coalesce(m.received_at, m.ts) <= %(now)s
+             WHERE m.device_sn = p.device_sn
+               AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND coalesce(m.received_at, m.ts) <= %(now)s
              ORDER BY m.ts DESC LIMIT 1) latest ON true
 ), station AS (
     SELECT p.*,
@@ -63,7 +70,9 @@ WITH pairs AS (
       LEFT JOIN LATERAL (
             SELECT m.ts, m.grid_connected
               FROM ecoflow_measurements m
-             WHERE m.device_sn = p.device_sn AND m.ts <= p.dev_now
+             WHERE m.device_sn = p.device_sn
+               AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND m.ts <= p.dev_now
                AND m.grid_connected IS NOT NULL
              ORDER BY m.ts DESC LIMIT 1) grid ON true
       -- "The grid held for a period from reading g": walk back from the latest candidate; when
@@ -73,24 +82,32 @@ WITH pairs AS (
       LEFT JOIN LATERAL (
             WITH RECURSIVE walk AS (
                 SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
-                               WHERE o.device_sn = p.device_sn AND NOT o.grid_connected
+                               WHERE o.device_sn = p.device_sn
+                                 AND o.ts BETWEEN %(horizon)s AND %(until)s
+                                 AND NOT o.grid_connected
                                  AND o.ts > c.ts
                                  AND o.ts <= c.ts + make_interval(secs => %(confirm_sec)s)
                                ORDER BY o.ts LIMIT 1) AS blocked_by
                   FROM (SELECT g.ts FROM ecoflow_measurements g
-                         WHERE g.device_sn = p.device_sn AND g.grid_connected
+                         WHERE g.device_sn = p.device_sn
+                           AND g.ts BETWEEN %(horizon)s AND %(until)s
+                           AND g.grid_connected
                            AND g.ts <= p.dev_now - make_interval(secs => %(confirm_sec)s)
                          ORDER BY g.ts DESC LIMIT 1) c
                 UNION ALL
                 SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
-                               WHERE o.device_sn = p.device_sn AND NOT o.grid_connected
+                               WHERE o.device_sn = p.device_sn
+                                 AND o.ts BETWEEN %(horizon)s AND %(until)s
+                                 AND NOT o.grid_connected
                                  AND o.ts > c.ts
                                  AND o.ts <= c.ts + make_interval(secs => %(confirm_sec)s)
                                ORDER BY o.ts LIMIT 1)
                   FROM walk w
                   CROSS JOIN LATERAL (
                         SELECT g.ts FROM ecoflow_measurements g
-                         WHERE g.device_sn = p.device_sn AND g.grid_connected
+                         WHERE g.device_sn = p.device_sn
+                           AND g.ts BETWEEN %(horizon)s AND %(until)s
+                           AND g.grid_connected
                            AND g.ts < w.blocked_by - make_interval(secs => %(confirm_sec)s)
                          ORDER BY g.ts DESC LIMIT 1) c
                  WHERE w.blocked_by IS NOT NULL
@@ -99,25 +116,33 @@ WITH pairs AS (
       LEFT JOIN LATERAL (
             WITH RECURSIVE walk AS (
                 SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
-                               WHERE o.device_sn = p.device_sn AND NOT o.grid_connected
+                               WHERE o.device_sn = p.device_sn
+                                 AND o.ts BETWEEN %(horizon)s AND %(until)s
+                                 AND NOT o.grid_connected
                                  AND o.ts > c.ts
                                  AND o.ts <= c.ts + make_interval(secs => %(cooldown_sec)s)
                                ORDER BY o.ts LIMIT 1) AS blocked_by
                   FROM (SELECT g.ts FROM ecoflow_measurements g
-                         WHERE g.device_sn = p.device_sn AND g.grid_connected
+                         WHERE g.device_sn = p.device_sn
+                           AND g.ts BETWEEN %(horizon)s AND %(until)s
+                           AND g.grid_connected
                            AND coalesce(g.soc_min_percent, g.soc_percent) >= %(rearm_soc)s
                            AND g.ts <= p.dev_now - make_interval(secs => %(cooldown_sec)s)
                          ORDER BY g.ts DESC LIMIT 1) c
                 UNION ALL
                 SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
-                               WHERE o.device_sn = p.device_sn AND NOT o.grid_connected
+                               WHERE o.device_sn = p.device_sn
+                                 AND o.ts BETWEEN %(horizon)s AND %(until)s
+                                 AND NOT o.grid_connected
                                  AND o.ts > c.ts
                                  AND o.ts <= c.ts + make_interval(secs => %(cooldown_sec)s)
                                ORDER BY o.ts LIMIT 1)
                   FROM walk w
                   CROSS JOIN LATERAL (
                         SELECT g.ts FROM ecoflow_measurements g
-                         WHERE g.device_sn = p.device_sn AND g.grid_connected
+                         WHERE g.device_sn = p.device_sn
+                           AND g.ts BETWEEN %(horizon)s AND %(until)s
+                           AND g.grid_connected
                            AND coalesce(g.soc_min_percent, g.soc_percent) >= %(rearm_soc)s
                            AND g.ts < w.blocked_by - make_interval(secs => %(cooldown_sec)s)
                          ORDER BY g.ts DESC LIMIT 1) c
@@ -131,15 +156,21 @@ WITH pairs AS (
 ), marks AS (
     SELECT s.*,
            (SELECT min(m.ts) FROM ecoflow_measurements m
-             WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
+             WHERE m.device_sn = s.device_sn
+               AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND NOT m.grid_connected
                AND m.ts > s.rearm_ts AND m.ts <= s.dev_now)              AS episode_start,
            (SELECT min(m.ts) FROM ecoflow_measurements m
-             WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
+             WHERE m.device_sn = s.device_sn
+               AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND NOT m.grid_connected
                AND m.ts > s.confirmed_grid_ts AND m.ts <= s.dev_now)     AS on_battery_since,
            -- Only losses after the last confirmed return matter, which keeps this scan short
            -- after a week on grid.
            (SELECT max(m.ts) FROM ecoflow_measurements m
-             WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
+             WHERE m.device_sn = s.device_sn
+               AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND NOT m.grid_connected
                AND m.ts > s.confirmed_grid_ts AND m.ts <= s.dev_now)     AS last_off_grid_ts,
            -- Discharge rate in percent per minute over the recent on-battery readings.
            (SELECT CASE WHEN regr_count(coalesce(m.soc_min_percent, m.soc_percent),
@@ -147,18 +178,22 @@ WITH pairs AS (
                         THEN -60 * regr_slope(coalesce(m.soc_min_percent, m.soc_percent),
                                               extract(epoch FROM m.ts)) END
               FROM ecoflow_measurements m
-             WHERE m.device_sn = s.device_sn AND NOT m.grid_connected
+             WHERE m.device_sn = s.device_sn
+               AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND NOT m.grid_connected
                AND m.ts > greatest(s.confirmed_grid_ts,
                                    s.dev_now - make_interval(secs => %(slope_window_sec)s))
                AND m.ts <= s.dev_now)                                   AS discharge_pct_per_min
       FROM station s
-), runtime AS (
+), runtime AS MATERIALIZED (
     SELECT k.*,
            -- Since when the grid has been back: the first reading with it after the last loss,
            -- or at least since the last confirmed return.
            CASE WHEN k.grid_on THEN coalesce(
                (SELECT min(m.ts) FROM ecoflow_measurements m
-                 WHERE m.device_sn = k.device_sn AND m.grid_connected
+                 WHERE m.device_sn = k.device_sn
+                   AND m.ts BETWEEN %(horizon)s AND %(until)s
+                   AND m.grid_connected
                    AND m.ts > k.last_off_grid_ts AND m.ts <= k.dev_now),
                CASE WHEN k.last_off_grid_ts IS NULL
                     THEN nullif(k.confirmed_grid_ts, '-infinity') END)
@@ -168,35 +203,54 @@ WITH pairs AS (
                     CASE WHEN k.grid_on IS FALSE AND k.discharge_pct_per_min > 0
                          THEN k.soc / k.discharge_pct_per_min END)    AS runtime_left_min
       FROM marks k
+), pairs AS (
+    SELECT a.agent_id, a.tier, a.min_supplies, a.shutdown_delay_sec, s.device_sn,
+           coalesce(a.soc_threshold, %(soc_min)s)::float8               AS soc_thr,
+           coalesce(a.runtime_threshold_min, %(runtime_min)s)::float8   AS runtime_thr,
+           coalesce(a.max_on_battery_sec, %(max_on_battery_sec)s)::float8 AS battery_limit_sec
+      FROM agents a
+      JOIN agent_supplies s ON s.agent_id = a.agent_id
+     WHERE a.enabled
 ), conditions AS (
     -- A condition starts at the first reading meeting it after the last reading that clears
     -- it (threshold plus margin, or the grid confirmed back): hysteresis and debounce in one.
-    SELECT r.*,
+    -- Per agent: each has its own thresholds.
+    SELECT r.*, p.agent_id, p.tier, p.min_supplies, p.shutdown_delay_sec,
+           p.soc_thr, p.runtime_thr, p.battery_limit_sec,
            (SELECT min(m.ts) FROM ecoflow_measurements m
-             WHERE m.device_sn = r.device_sn AND NOT m.grid_connected AND m.ts <= r.dev_now
-               AND coalesce(m.soc_min_percent, m.soc_percent) <= r.soc_thr
+             WHERE m.device_sn = r.device_sn
+               AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND NOT m.grid_connected AND m.ts <= r.dev_now
+               AND coalesce(m.soc_min_percent, m.soc_percent) <= p.soc_thr
                AND m.ts > greatest(r.confirmed_grid_ts, coalesce(
                      (SELECT max(c.ts) FROM ecoflow_measurements c
-                       WHERE c.device_sn = r.device_sn AND c.ts <= r.dev_now
+                       WHERE c.device_sn = r.device_sn
+                         AND c.ts BETWEEN %(horizon)s AND %(until)s
+                         AND c.ts <= r.dev_now
                          AND c.ts > r.confirmed_grid_ts
                          AND coalesce(c.soc_min_percent, c.soc_percent)
-                             > r.soc_thr + %(soc_margin)s), '-infinity')))  AS soc_low_since,
-           CASE WHEN r.runtime_thr IS NOT NULL THEN
+                             > p.soc_thr + %(soc_margin)s), '-infinity')))  AS soc_low_since,
+           CASE WHEN p.runtime_thr IS NOT NULL THEN
            (SELECT min(m.ts) FROM ecoflow_measurements m
-             WHERE m.device_sn = r.device_sn AND NOT m.grid_connected AND m.ts <= r.dev_now
+             WHERE m.device_sn = r.device_sn
+               AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND NOT m.grid_connected AND m.ts <= r.dev_now
                AND coalesce(m.remain_time_min::float8,
                             coalesce(m.soc_min_percent, m.soc_percent)
-                              / nullif(greatest(r.discharge_pct_per_min, 0), 0)) <= r.runtime_thr
+                              / nullif(greatest(r.discharge_pct_per_min, 0), 0)) <= p.runtime_thr
                AND m.ts > greatest(r.confirmed_grid_ts, coalesce(
                      (SELECT max(c.ts) FROM ecoflow_measurements c
-                       WHERE c.device_sn = r.device_sn AND c.ts <= r.dev_now
+                       WHERE c.device_sn = r.device_sn
+                         AND c.ts BETWEEN %(horizon)s AND %(until)s
+                         AND c.ts <= r.dev_now
                          AND c.ts > r.confirmed_grid_ts
                          AND coalesce(c.remain_time_min::float8,
                                       coalesce(c.soc_min_percent, c.soc_percent)
                                         / nullif(greatest(r.discharge_pct_per_min, 0), 0))
-                             > r.runtime_thr + %(runtime_margin)s), '-infinity')))
+                             > p.runtime_thr + %(runtime_margin)s), '-infinity')))
            END                                                        AS runtime_low_since
       FROM runtime r
+      JOIN pairs p ON p.device_sn = r.device_sn
 ), fired AS (
     SELECT c.*,
            CASE WHEN c.last_ts IS NULL THEN 'unknown'
@@ -250,6 +304,10 @@ SELECT agent_id, tier, min_supplies, shutdown_delay_sec, device_sn, device_name,
                                                                       AS episode_id,
        episode_start,
        freshness IN ('fresh', 'stale') AND trigger IS NULL           AS healthy,
+       %(bounded)s AND (
+            (last_ts IS NULL AND last_seen IS NOT NULL)
+         OR (confirmed_grid_ts = '-infinity' AND grid_on IS NOT NULL)
+         OR (rearm_ts = '-infinity' AND episode_start IS NOT NULL))  AS history_cut,
        -- Power is back for this supply once the grid has held for the confirmation period.
        freshness IN ('fresh', 'stale') AND grid_on IS TRUE
            AND grid_back_since <= dev_now - make_interval(secs => %(confirm_sec)s) AS power_back

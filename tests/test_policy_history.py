@@ -1,0 +1,126 @@
+"""The rules read one day of readings (policy/rules.py HISTORY) so that a year of history costs
+what a day does; a station whose decision needs older readings is evaluated again over a
+wider window. These prove the window changes no decision: every state below is evaluated
+with the window and with all history, and the rows must be the same."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from policy import rules, topology
+from policy.rules import supply_rows
+from policy.settings import PolicySettings
+
+END = datetime(2026, 3, 10, 12, tzinfo=timezone.utc)
+SN = "R331ZEB4ZEA0054321"
+SN2 = "R331ZEB4ZEA0098765"
+
+
+def readings(db, sn: str, start: datetime, end: datetime, every: int, soc: str, grid: str,
+             last_seen: bool = True) -> None:
+    """Readings from start to end; `soc` and `grid` are SQL over t (the reading's time)."""
+    db.execute(
+        "INSERT INTO ecoflow_measurements (ts, received_at, device_sn, soc_percent,"
+        " soc_min_percent, grid_connected, source, raw_data)"
+        f" SELECT t, t, %(sn)s, {soc}, {soc}, {grid}, 'simulator', '{{}}'"
+        "   FROM generate_series(%(start)s::timestamptz, %(end)s, make_interval(secs => %(every)s)) t",
+        {"sn": sn, "start": start, "end": end, "every": every})
+    if last_seen:  # as the collector's writer keeps it
+        db.execute("UPDATE devices SET last_seen = (SELECT max(ts) FROM ecoflow_measurements"
+                   " WHERE device_sn = %s) WHERE device_sn = %s", (sn, sn))
+
+
+def settings_for(db, **overrides) -> PolicySettings:
+    values = dict(soc_min=15, debounce_sec=60, cooldown_sec=300, confirm_sec=30,
+                  device_to_agents_json=json.dumps({SN: ["nas"], SN2: ["nas", "pc"]}))
+    values.update(overrides)
+    settings = PolicySettings(**values)
+    topology.sync(db, settings)
+    return settings
+
+
+def windowed_and_whole(db, settings, now, monkeypatch) -> tuple[list[dict], list[dict]]:
+    params = settings.rule_params()
+    windowed = supply_rows(db, now, params)
+    with monkeypatch.context() as m:
+        m.setattr(rules, "HISTORY", timedelta(days=100_000))
+        whole = supply_rows(db, now, params)
+    drop = ("history_cut",)
+    return ([{k: v for k, v in r.items() if k not in drop} for r in windowed],
+            [{k: v for k, v in r.items() if k not in drop} for r in whole])
+
+
+def test_outage_longer_than_the_window_keeps_its_start_and_its_episode(db, monkeypatch):
+    """On battery for two days at 90 % (a station on solar): the battery-time limit counts
+    from the real loss, and the episode keeps its name, though the loss is outside the day
+    the rules read."""
+    settings = settings_for(db, max_on_battery_sec=36 * 3600)
+    lost = END - timedelta(days=2)
+    readings(db, SN, lost - timedelta(hours=2), END, 60, "90", f"t < '{lost.isoformat()}'")
+    readings(db, SN2, END - timedelta(days=3), END, 60, "80", "true")
+    windowed, whole = windowed_and_whole(db, settings, END, monkeypatch)
+    assert windowed == whole
+    row = next(r for r in windowed if r["device_sn"] == SN)
+    assert row["on_battery_since"] == lost
+    assert row["episode_id"] == f"{SN}-{int(lost.timestamp())}"
+    assert row["trigger"] == "battery_time"
+    assert row["battery_time_fires_at"] == lost + timedelta(hours=36)
+
+
+def test_station_silent_for_days_is_still_dead_on_battery(db, monkeypatch):
+    """Last seen on battery three days ago: still dead on battery (S2), from its last reading,
+    which lies outside the day the rules read."""
+    settings = settings_for(db)
+    gone = END - timedelta(days=3)
+    readings(db, SN, gone - timedelta(hours=3), gone, 60, "70",
+             f"t < '{(gone - timedelta(hours=1)).isoformat()}'")
+    readings(db, SN2, END - timedelta(days=2), END, 60, "80", "true")
+    windowed, whole = windowed_and_whole(db, settings, END, monkeypatch)
+    assert windowed == whole
+    row = next(r for r in windowed if r["device_sn"] == SN)
+    assert row["freshness"] == "dead" and row["on_battery"] is True
+    assert row["trigger"] == "dead_on_battery"
+    assert row["last_ts"] == gone
+
+
+@pytest.mark.parametrize("last_seen", [True, False], ids=["last-seen-kept", "no-last-seen"])
+def test_grid_flapping_for_two_days_without_rearm_keeps_one_episode(db, monkeypatch,
+                                                                    last_seen):
+    """The grid drops for 5 minutes every 2 minutes of return (never the cooldown) for two
+    days: one episode all along, named by its first loss, whatever the window."""
+    settings = settings_for(db)
+    start = END - timedelta(days=2)
+    readings(db, SN, start - timedelta(hours=1), END, 30, "60",
+             f"t < '{start.isoformat()}' OR (extract(epoch FROM t)::bigint %% 420) >= 300",
+             last_seen)
+    readings(db, SN2, END - timedelta(days=2), END, 60, "80", "true", last_seen)
+    windowed, whole = windowed_and_whole(db, settings, END, monkeypatch)
+    assert windowed == whole
+    row = next(r for r in windowed if r["device_sn"] == SN)
+    first_loss = db.execute(
+        "SELECT min(ts) FROM ecoflow_measurements WHERE device_sn = %s AND NOT grid_connected",
+        (SN,)).fetchone()[0]
+    assert row["episode_start"] == first_loss
+
+
+def test_quiet_year_on_grid_is_read_from_one_day_only(db, monkeypatch):
+    """The usual state: on grid, reporting. The first, windowed run decides every station;
+    none needs a wider one."""
+    settings = settings_for(db)
+    readings(db, SN, END - timedelta(days=20), END, 600, "95", "true")
+    readings(db, SN2, END - timedelta(days=20), END, 600, "95",
+             "extract(day FROM t) <> 1")  # an old outage, long re-armed
+    runs = []
+    real = rules._evaluate
+
+    def counting(cur, now, params, horizon, until, only, bounded=True):
+        runs.append((horizon, only))
+        return real(cur, now, params, horizon, until, only, bounded)
+
+    monkeypatch.setattr(rules, "_evaluate", counting)
+    rows = supply_rows(db, END, settings.rule_params())
+    assert [r["trigger"] for r in rows] == [None, None, None]
+    assert runs == [(END - rules.HISTORY, None)]
