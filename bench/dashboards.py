@@ -1,6 +1,9 @@
-"""Dashboard benchmark: a month of readings (3 stations, one every 5 s), the summary tables
-built over it (timed on their own, as is one refresh after that), then every panel's SQL over
-the whole month, as Grafana would send it; median and slowest time per query."""
+"""Dashboard benchmark: a quarter of readings (3 stations, one every 5 s), the summary tables
+built over it (timed on their own, as is one refresh after that) and, where the rollups are
+continuous aggregates, those refreshed explicitly over the whole history (so the figures do
+not depend on when TimescaleDB's jobs last ran), then every panel's SQL over the last 30 and
+the last 90 days, as Grafana would send it; median and slowest time per query. A TimescaleDB
+background job that failed is reported loudly: its figures would not be the user's."""
 
 from __future__ import annotations
 
@@ -15,7 +18,43 @@ from bench.common import migrated_database, save, table
 from testbed.dashboards import DASHBOARDS, load, queries
 from testbed.grafana_sql import auto_interval, expand
 
-TARGET_MS = 300
+TARGET_MS = {30: 300, 90: 1000}  # per range in days; other ranges use the nearest below
+
+# Failed runs of TimescaleDB's background jobs: ours (a refresh, compression or retention
+# policy on our tables, hypertable_name set) make the figures wrong; TimescaleDB's own
+# housekeeping (e.g. policy_job_stat_history_retention, which the Apache build refuses with
+# 0A000 "not supported under the apache license") is reported but does not touch our data.
+JOB_FAILURES = """
+SELECT s.job_id, j.proc_name, j.hypertable_name, s.last_run_status, s.total_failures
+  FROM timescaledb_information.job_stats s
+  JOIN timescaledb_information.jobs j USING (job_id)
+ WHERE (s.last_run_status IS DISTINCT FROM 'Success' AND s.total_runs > 0)
+    OR s.total_failures > 0
+"""
+
+
+def target_ms(days: int) -> int:
+    return TARGET_MS[max([d for d in TARGET_MS if d <= days] or [min(TARGET_MS)])]
+
+
+def refresh_rollups(conn) -> list[str]:
+    """Refresh every continuous aggregate over all of its history (community edition); the
+    Apache build and plain PostgreSQL have views there, with nothing to refresh."""
+    try:
+        names = [r[0] for r in conn.execute(
+            "SELECT view_name FROM timescaledb_information.continuous_aggregates").fetchall()]
+    except psycopg.Error:
+        return []
+    for name in names:
+        conn.execute(f"CALL refresh_continuous_aggregate('{name}', NULL, NULL)")
+    return names
+
+
+def failed_jobs(conn) -> list[tuple]:
+    try:
+        return conn.execute(JOB_FAILURES).fetchall()
+    except psycopg.Error:
+        return []
 
 # Three stations, a reading every 5 s for `days` days; the grid drops for an hour every day
 # at 18:00, SoC follows, and a little solar around noon.
@@ -70,13 +109,14 @@ def variable_values(conn, dashboard: str, start, end) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--days", type=int, default=30)
+    parser.add_argument("--days", type=int, nargs="+", default=[30, 90],
+                        help="time ranges to query, in days (the data covers the longest)")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args(argv)
     qs = queries()
     with migrated_database("dashboards") as (pg, url), psycopg.connect(url, autocommit=True) as conn:
         started = time.perf_counter()
-        conn.execute(GENERATE, {"days": args.days, "sns": SNS})
+        conn.execute(GENERATE, {"days": max(args.days), "sns": SNS})
         conn.execute(EXTRAS)
         conn.execute("ANALYZE")
         rows = conn.execute("SELECT count(*) FROM ecoflow_measurements").fetchone()[0]
@@ -89,38 +129,60 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         conn.execute("SELECT ecoflow_refresh_summaries()")
         refresh_ms = (time.perf_counter() - started) * 1000
-        print(f"summaries: first build over the month {build_s:.1f} s,"
+        print(f"summaries: first build over {max(args.days)} days {build_s:.1f} s,"
               f" a refresh after it {refresh_ms:.0f} ms")
+        started = time.perf_counter()
+        rollups = refresh_rollups(conn)
+        if rollups:
+            print(f"continuous aggregates refreshed over all history in "
+                  f"{time.perf_counter() - started:.1f} s: {', '.join(rollups)}")
         end = conn.execute("SELECT now()").fetchone()[0]
-        start = end - timedelta(days=args.days)
-        results = []
-        for q in qs:
-            sql = expand(q.sql, start, end, interval=auto_interval(start, end),
-                         variables=variable_values(conn, q.dashboard, start, end),
-                         timescaledb=pg.timescaledb)
-            times = []
-            for _ in range(args.repeat):
-                t = time.perf_counter()
-                conn.execute(sql).fetchall()
-                times.append((time.perf_counter() - t) * 1000)
-            results.append((q.id, statistics.median(times)))
-    results.sort(key=lambda r: -r[1])
-    slowest = results[0]
-    over = [r for r in results if r[1] >= TARGET_MS]
-    print(f"\nDashboards: every query over {args.days} days of {rows:,} readings"
-          f" (median of {args.repeat})\n")
-    print(table([(qid, f"{ms:.1f}", "over target" if ms >= TARGET_MS else "")
-                 for qid, ms in results], ("query", "median ms", "")))
-    print(f"\nslowest: {slowest[0]} {slowest[1]:.0f} ms; {len(over)} of {len(results)} over"
-          f" the {TARGET_MS} ms target")
+        by_range = {}
+        for days in args.days:
+            start = end - timedelta(days=days)
+            results = []
+            for q in qs:
+                sql = expand(q.sql, start, end, interval=auto_interval(start, end),
+                             variables=variable_values(conn, q.dashboard, start, end),
+                             timescaledb=pg.timescaledb)
+                times = []
+                for _ in range(args.repeat):
+                    t = time.perf_counter()
+                    conn.execute(sql).fetchall()
+                    times.append((time.perf_counter() - t) * 1000)
+                results.append((q.id, statistics.median(times)))
+            results.sort(key=lambda r: -r[1])
+            by_range[days] = results
+        failures = failed_jobs(conn)
+    summary = {}
+    for days, results in by_range.items():
+        limit = target_ms(days)
+        over = [r for r in results if r[1] >= limit]
+        print(f"\nDashboards: every query over the last {days} days ({rows:,} readings stored,"
+              f" median of {args.repeat})\n")
+        print(table([(qid, f"{ms:.1f}", "over target" if ms >= limit else "")
+                     for qid, ms in results], ("query", "median ms", "")))
+        print(f"\nslowest: {results[0][0]} {results[0][1]:.0f} ms; {len(over)} of"
+              f" {len(results)} over the {limit} ms target")
+        summary[str(days)] = {
+            "median_ms": {qid: round(ms, 1) for qid, ms in results},
+            "slowest": {"query": results[0][0], "ms": round(results[0][1], 1)},
+            "over_target": [qid for qid, _ in over], "target_ms": limit}
+    ours = [f for f in failures if f[2] is not None]
+    for job_id, proc, table_name, status, count in failures:
+        if table_name is not None:
+            print(f"\n!!! TimescaleDB background job {job_id} ({proc} on {table_name}) last ran"
+                  f" {status} and failed {count} times: the figures above are not what a"
+                  f" user would see")
+        else:
+            print(f"\nnote: TimescaleDB's own job {job_id} ({proc}) failed {count} times"
+                  f" (housekeeping, not our data; see timescaledb_information.job_errors)")
     save("dashboards", {
-        "readings": rows, "days": args.days,
+        "readings": rows, "days": args.days, "rollups_refreshed": rollups,
         "summaries_build_s": round(build_s, 1), "summaries_refresh_ms": round(refresh_ms, 1),
-        "median_ms": {qid: round(ms, 1) for qid, ms in results},
-        "slowest": {"query": slowest[0], "ms": round(slowest[1], 1)},
-        "over_target": [qid for qid, _ in over], "target_ms": TARGET_MS,
+        "ranges": summary, "failed_jobs": [list(map(str, f)) for f in failures],
     })
-    return 0
+    return 1 if ours else 0
 
 
 if __name__ == "__main__":
