@@ -10,12 +10,13 @@ PYTEST_ARGS ?=
 # own PostgreSQL and Mosquitto) halve the wall time on two cores. TEST_WORKERS=0 runs in one.
 TEST_WORKERS ?= 2
 
-.PHONY: help test demo bench lint migrate proto system-deps venv clean add-mqtt-user
+.PHONY: help test demo bench mutate lint migrate proto system-deps venv clean add-mqtt-user
 
 help:
 	@echo "make test      run the test suite (starts its own PostgreSQL+TimescaleDB and Mosquitto)"
 	@echo "make demo      simulated station through the whole pipeline"
 	@echo "make bench     ingest, policy and dashboard benchmarks"
+	@echo "make mutate    prove each safety rule: break it in a copy, a named test must fail (ONLY=S5,...)"
 	@echo "make lint      ruff"
 	@echo "make proto     regenerate collector/proto/*_pb2.py from the .proto schemas"
 	@echo "make migrate   apply migrations to DATABASE_URL / POSTGRES_*"
@@ -41,7 +42,12 @@ demo: $(STAMP) system-deps
 bench: $(STAMP) system-deps
 	$(PY) -m bench.ingest $(BENCH_ARGS)
 	$(PY) -m bench.dashboards
+	$(PY) -m bench.policy
 	BENCH=1 $(PY) -m pytest tests/test_policy_bench.py -q -s -p no:cacheprovider
+
+# make mutate ONLY=S5-no-soc-clear-margin (ids or rules, comma-separated); docs/mutation.md
+mutate: $(STAMP) system-deps
+	$(PY) -m mutations.run $(if $(ONLY),--only $(ONLY)) $(MUTATE_ARGS)
 
 proto: $(STAMP)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH scripts/gen-proto
