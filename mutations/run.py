@@ -40,7 +40,8 @@ RULES = [f"S{n}" for n in range(1, 13)] + [f"D{n}" for n in range(1, 10)]
 PYTEST = ["-m", "pytest", "-p", "no:cacheprovider", "-q"]
 SESSION_TIMEOUT_SEC = 900
 MAX_JOBS = 2
-SUMMARY_LINE = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
+# "FAILED <node id> - <message>"; a parametrized node id may hold spaces.
+SUMMARY_LINE = re.compile(r"^(FAILED|ERROR) (.+?)(?: - .*)?$", re.M)
 ASSERTION_LINE = re.compile(r"^E\s+(.+)$", re.M)
 
 
