@@ -20,6 +20,19 @@ _REAL_COLUMNS = frozenset({"soc_percent", "soc_min_percent", "battery_temp_c"})
 _INT_MAX = 2**31 - 1  # PostgreSQL integer
 
 
+class HeadlineSoc(float):
+    """A soc_min_percent that is only the headline SoC: the payload named no battery pack.
+
+    Decoders mark their fallback with it (a float, so it reads, compares and serializes as
+    one); the merger stores it only while the device has no known pack, so a message without
+    pack data (emsStatus, pdStatus, a gen-3 CMS heartbeat) cannot replace the lowest pack SoC
+    with the headline figure. A plain number is an explicit lowest SoC and is stored as given
+    (NUT's 0 for a UPS that says its battery is done).
+    """
+
+    __slots__ = ()
+
+
 def storable(column: str, value: Any) -> bool:
     """Whether the column's database type can hold the value. A reading outside it (a
     corrupted or misread field) is treated as not reported: stored, it would be refused, and
@@ -63,6 +76,12 @@ class SnapshotMerger:
     device's last known value for every column merged with the new message, so a reader of the
     latest row never sees a null SoC because the last message was an inverter update. A column
     that was never reported stays null.
+
+    In the values merged, a column that is missing is unknown (the last known value stays); a
+    column present with None is cleared: the device said "not applicable" (a remaining time of
+    5999 while charging), so the snapshot drops the value and the column is null from this
+    row on, until a real value arrives. soc_min_percent is the lowest SoC over every pack the
+    device has reported (`merge_modules`); a HeadlineSoc stands in only while no pack is known.
     """
 
     def __init__(self) -> None:
@@ -80,7 +99,15 @@ class SnapshotMerger:
         if known is None:
             known = self._known[device_sn] = {}
         for k, v in values.items():
-            if v is not None and k in _VALUE_SET and storable(k, v):
+            if k not in _VALUE_SET:
+                continue
+            if v is None:
+                known.pop(k, None)
+                continue
+            if type(v) is HeadlineSoc:
+                packs = self._modules.get(device_sn)
+                v = min(packs.values()) if packs else float(v)
+            if storable(k, v):
                 known[k] = v
         return known.copy()
 

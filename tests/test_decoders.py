@@ -99,9 +99,81 @@ def test_delta2_grid_connected_from_ac_in_voltage_although_no_ac_power_flows():
     assert values["grid_connected"] is True
 
 
-def test_remain_time_sentinel_5999_is_unknown_not_a_number():
+def test_remain_time_sentinel_5999_is_not_a_number_but_an_explicit_clear():
     values = decode_fixture("river2pro_app_mqtt_1.json").values
-    assert "remain_time_min" not in values
+    assert "remain_time_min" in values and values["remain_time_min"] is None
+
+
+# Each family's "not applicable" remaining time in the real captures: the decoder says the
+# column is cleared (present, None), so the collector stores NULL instead of carrying over the
+# last discharge figure. Real figures come out as they are; payloads without one say nothing.
+REMAIN_CLEARED = [
+    "deltamax_app_mqtt_1.json",  # gen 1: ems.dsgRemainTime 5999
+    "delta2max_app_mqtt_1.json",  # gen 2, charging: pd.remainTime +81, dsgRemainTime 5999
+    "delta2max_open_mqtt_1_pdStatus.json",  # gen 2 pdStatus: remainTime 5999
+    "delta2max_open_mqtt_5_emsStatus.json",  # gen 2 emsStatus: dsgRemainTime 5999
+    "river2pro_app_mqtt_1.json",  # gen 2, full on mains: 5999
+    "river2pro_app_mqtt_2.json",  # gen 2 push: dsgRemainTime 5999
+    "deltapro3_rest_quota_all_1.json",  # gen 3 REST, charging: cmsDsgRemTime 5939
+    "powerstream_protobuf_1.json",  # PowerStream: batDischargingTime 5999
+    "powerstream_protobuf_3.json",  # PowerStream, charging: batDischargingTime 5999
+]
+REMAIN_REAL = {
+    "delta2_app_mqtt_1.json": 132,
+    "delta3plus_protobuf_1_get_reply.json": 1018,
+    "river3_protobuf_1_cms_heartbeat.json": 2323,
+    "powerstream_open_mqtt_1.json": 2425,
+    "powerstream_rest_quota_all_1.json": 1657,
+    "powerstream_protobuf_4_pdata_only.json": 623,
+}
+REMAIN_UNSAID = [
+    "delta2max_open_mqtt_2_mpptStatus.json", "delta2max_open_mqtt_4_bmsStatus.json",
+    "delta2max_open_mqtt_7_kitInfo.json", "smartplug_open_mqtt_1.json",
+    # A positive pd.remainTime alone is minutes to full on the Delta 2 family: not a runtime,
+    # but not a "not applicable" either (gen-1 Rivers count down with it).
+    "delta2max_open_mqtt_6_pdStatus_partial.json", "river2_rest_quota_legacy_1.json",
+]
+
+
+@pytest.mark.parametrize("name", REMAIN_CLEARED)
+def test_not_applicable_remaining_time_is_reported_as_cleared(name):
+    values = decode_fixture(name).values
+    assert "remain_time_min" in values and values["remain_time_min"] is None
+
+
+@pytest.mark.parametrize("name", sorted(REMAIN_REAL))
+def test_real_remaining_time_comes_out_as_reported(name):
+    assert decode_fixture(name).values["remain_time_min"] == REMAIN_REAL[name]
+
+
+@pytest.mark.parametrize("name", REMAIN_UNSAID)
+def test_payload_without_a_discharge_figure_leaves_remaining_time_unknown(name):
+    assert "remain_time_min" not in decode_fixture(name).values
+
+
+@pytest.mark.parametrize("params", [
+    {"pd.remainTime": 5939}, {"bms_emsStatus.dsgRemainTime": 5939},
+    {"ems.dsgRemainTime": 5939}, {"cmsBattSoc": 50, "cmsDsgRemTime": 5999},
+    {"20_1.dsgRemainTime": 5939},
+    # 0 minutes while the same message says "charging" (gen-3 state 2, Delta 2 family
+    # pd.chgDsgState 2, PowerStream battery watts negative) is not "empty": not applicable.
+    {"cmsBattSoc": 50, "cmsDsgRemTime": 0, "cmsChgDsgState": 2},
+    {"bms_emsStatus.dsgRemainTime": 0, "pd.chgDsgState": 2},
+    {"20_1.dsgRemainTime": 0, "20_1.batInputWatts": -223},
+])
+def test_every_family_sentinel_clears_remaining_time(params):
+    (reading,) = decode(json.dumps({"params": params}).encode())
+    assert "remain_time_min" in reading.values and reading.values["remain_time_min"] is None
+
+
+@pytest.mark.parametrize("params", [
+    {"cmsBattSoc": 50, "cmsDsgRemTime": 0, "cmsChgDsgState": 1},
+    {"bms_emsStatus.dsgRemainTime": 0, "pd.chgDsgState": 1},
+    {"20_1.dsgRemainTime": 0, "20_1.batInputWatts": 650},
+])
+def test_zero_minutes_while_discharging_is_a_real_empty_battery(params):
+    (reading,) = decode(json.dumps({"params": params}).encode())
+    assert reading.values["remain_time_min"] == 0
 
 
 def test_delta_max_without_ac_in_voltage_is_off_grid():
@@ -242,3 +314,78 @@ def test_ac_in_voltage_below_50_volts_is_off_grid_even_with_a_flag():
     payload = {"params": {"inv.acInVol": 7000, "inv.inputWatts": 0}}
     (reading,) = decode(json.dumps(payload).encode())
     assert reading.values["grid_connected"] is False
+
+
+def grid(params: dict, topic: str | None = None) -> bool | None:
+    (reading,) = decode(json.dumps({"params": params}).encode(), topic=topic)
+    return reading.values.get("grid_connected")
+
+
+# PROTOCOL.md `grid_connected`: AC-in power flowing in (above about 5 W) wins whatever the
+# voltage field says (a River 3 Plus read 0 V and AC-in flag 0 while 83 W came in on AC);
+# otherwise the AC-in voltage decides; otherwise the flags, as weak evidence; otherwise null.
+POWER_FIRST = {
+    "gen 1 (Delta Max)": {"ems.lcdShowSoc": 50, "inv.acInVol": 0, "inv.inputWatts": 83},
+    "gen 1 (River, invInVol)": {"ems.lcdShowSoc": 50, "inv.invInVol": 0, "inv.inputWatts": 83},
+    "gen 2 (Delta 2 family)": {"bms_emsStatus.lcdShowSoc": 50, "inv.acInVol": 0,
+                               "inv.inputWatts": 83},
+    "gen 3 REST (Delta Pro 3)": {"cmsBattSoc": 50, "plugInInfoAcInVol": 0.0,
+                                 "plugInInfoAcInFlag": 0, "plugInInfoAcChargerFlag": True,
+                                 "powGetAcIn": 83.0},
+}
+VOLTAGE_ONLY = {
+    "gen 1 (Delta Max)": ({"ems.lcdShowSoc": 50, "inv.acInVol": 230000},
+                          {"ems.lcdShowSoc": 50, "inv.acInVol": 0}),
+    "gen 1 (River, invInVol)": ({"ems.lcdShowSoc": 50, "inv.invInVol": 120000},
+                                {"ems.lcdShowSoc": 50, "inv.invInVol": 0}),
+    "gen 2 (Delta 2 family)": ({"bms_emsStatus.lcdShowSoc": 50, "inv.acInVol": 230000},
+                               {"bms_emsStatus.lcdShowSoc": 50, "inv.acInVol": 0}),
+    "gen 3 REST (Delta Pro 3)": ({"cmsBattSoc": 50, "plugInInfoAcInVol": 230.0},
+                                 {"cmsBattSoc": 50, "plugInInfoAcInVol": 0.0}),
+}
+
+
+@pytest.mark.parametrize("family", sorted(POWER_FIRST))
+def test_ac_in_power_means_grid_whatever_the_voltage_field_says(family):
+    assert grid(POWER_FIRST[family]) is True
+
+
+@pytest.mark.parametrize("family", sorted(VOLTAGE_ONLY))
+def test_ac_in_voltage_alone_decides_grid(family):
+    present, absent = VOLTAGE_ONLY[family]
+    assert grid(present) is True
+    assert grid(absent) is False
+
+
+@pytest.mark.parametrize("family", sorted(POWER_FIRST))
+def test_a_few_watts_of_ac_in_are_noise_and_leave_the_voltage_to_decide(family):
+    params = dict(POWER_FIRST[family])
+    power_key = "powGetAcIn" if "powGetAcIn" in params else "inv.inputWatts"
+    params[power_key] = 3
+    params.pop("plugInInfoAcChargerFlag", None)
+    assert grid(params) is False
+    without_voltage = {k: v for k, v in params.items() if "Vol" not in k and "Flag" not in k}
+    assert grid(without_voltage) is None
+
+
+def test_gen3_ac_charger_flag_alone_is_weak_evidence_for_grid():
+    assert grid({"cmsBattSoc": 50, "plugInInfoAcChargerFlag": True}) is True
+    assert grid({"cmsBattSoc": 50, "plugInInfoAcChargerFlag": False,
+                 "plugInInfoAcInFlag": 0}) is False
+
+
+def test_on_a_ghost_voltage_family_voltage_without_power_is_not_proof(monkeypatch):
+    from collector.decoders import reading
+
+    monkeypatch.setattr(reading, "GHOST_VOLTAGE_FAMILIES", frozenset({"ghostly"}))
+    assert reading.grid_from(230.0, 0, family="ghostly") is None
+    assert reading.grid_from(230.0, 0, 0, family="ghostly") is False
+    assert reading.grid_from(230.0, 0, 1, family="ghostly") is True
+    assert reading.grid_from(230.0, 83, family="ghostly") is True
+    assert reading.grid_from(0.0, 0, 1, family="ghostly") is False
+    assert reading.grid_from(230.0, 0, family="delta_gen2") is True
+
+
+def test_powerstream_and_smart_plug_say_nothing_about_grid():
+    assert grid({"20_1.invOpVolt": 2358, "20_1.invOutputWatts": 2690}) is None
+    assert "grid_connected" not in decode_fixture("smartplug_open_mqtt_1.json").values

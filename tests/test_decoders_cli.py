@@ -56,6 +56,14 @@ def test_decode_rebuilds_the_envelope_for_inner_pdata_captures(capsys):
     assert out[0]["values"]["remain_time_min"] == 2323
 
 
+def test_decode_prints_a_not_applicable_runtime_as_an_explicit_null(capsys):
+    """5999 minutes ("not discharging"): the column is in the output, null, because the
+    collector stores NULL for it rather than keeping the last discharge figure."""
+    status, out = run(capsys, str(PAYLOADS / "river2pro_app_mqtt_1.json"))
+    assert status == 0
+    assert "remain_time_min" in out[0]["values"] and out[0]["values"]["remain_time_min"] is None
+
+
 def test_decode_says_device_offline_for_an_offline_reply(capsys):
     status, out = run(capsys, str(PAYLOADS / "deltamax_app_mqtt_2_offline.json"))
     assert status == 0

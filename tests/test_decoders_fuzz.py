@@ -51,6 +51,9 @@ def check(payload: bytes, topic: str | None = None) -> None:
     for reading in readings:
         assert isinstance(reading, Reading)
         assert set(reading.values) <= set(COLUMNS)
+        # A value, or None for a column the payload clears ("not applicable"): no markers.
+        assert all(v is None or type(v) in (bool, int, float) or isinstance(v, float)
+                   for v in reading.values.values()), reading.values
         json.dumps(reading.to_json())
 
 

@@ -119,6 +119,46 @@ def test_ac_in_power_beats_an_ac_in_flag_reading_zero():
     assert decode(envelope(header(display, 254, 21)))[0].values["grid_connected"] is True
 
 
+def test_river3_plus_ac_in_power_means_grid_although_voltage_and_flag_read_zero():
+    """The River 3 Plus capture of PROTOCOL.md: runtime 68 at 0 V and field 61 at 0 while 83 W
+    came in on AC: power flowing in is the grid, whatever the voltage field says."""
+    runtime = pb.RuntimePropertyUpload(plug_in_info_ac_in_vol=0.0)
+    display = pb.DisplayPropertyUpload(plug_in_info_ac_in_flag=0, pow_get_ac_in=83.0)
+    (reading,) = decode(envelope(header(runtime, 254, 22, xor=True, seq=3),
+                                 header(display, 254, 21, xor=True, seq=4)))
+    assert reading.values["grid_connected"] is True
+    assert reading.values["ac_in_watts"] == 83
+
+
+@pytest.mark.parametrize(("volts", "grid"), [(230.0, True), (120.0, True), (7.2, False),
+                                            (0.0, False)])
+def test_gen3_ac_in_voltage_alone_decides_grid(volts, grid):
+    runtime = pb.RuntimePropertyUpload(plug_in_info_ac_in_vol=volts)
+    assert decode(envelope(header(runtime, 254, 22)))[0].values["grid_connected"] is grid
+
+
+def test_gen3_a_few_watts_of_ac_in_with_no_voltage_or_flag_decide_nothing():
+    display = pb.DisplayPropertyUpload(pow_get_ac_in=3.0)
+    assert "grid_connected" not in decode(envelope(header(display, 254, 21)))[0].values
+
+
+def test_gen3_not_applicable_discharge_minutes_clear_the_runtime():
+    cms = pb.CmsHeartbeat(status=pb.CmsStatus(lcd_show_soc=80, dsg_remain_time=5939))
+    values = decode(envelope(header(cms, 32, 2)))[0].values
+    assert "remain_time_min" in values and values["remain_time_min"] is None
+    charging = pb.DisplayPropertyUpload(cms_dsg_rem_time=0, cms_chg_dsg_state=2)
+    values = decode(envelope(header(charging, 254, 21)))[0].values
+    assert "remain_time_min" in values and values["remain_time_min"] is None
+    discharging = pb.DisplayPropertyUpload(cms_dsg_rem_time=0, cms_chg_dsg_state=1)
+    assert decode(envelope(header(discharging, 254, 21)))[0].values["remain_time_min"] == 0
+
+
+def test_powerstream_charging_battery_clears_the_runtime():
+    beat = pb.InverterHeartbeat(bat_input_watts=-223, bat_discharging_time=0)
+    values = decode(envelope(header(beat, 20, 1)))[0].values
+    assert "remain_time_min" in values and values["remain_time_min"] is None
+
+
 def test_battery_output_watts_never_decide_grid():
     pack = pb.BmsHeartbeat(num=0, soc=50, output_watts=84, input_watts=0)
     (reading,) = decode(envelope(header(pack, 32, 50)))
@@ -137,8 +177,9 @@ def test_powerstream_heartbeat_scales_tenths_of_a_watt_and_negative_varints():
     beat = pb.InverterHeartbeat(pv1_input_watts=1190, pv2_input_watts=850, bat_input_watts=-223,
                                 bat_soc=51, inv_output_watts=2690, bat_discharging_time=5999)
     (reading,) = decode(envelope(header(beat, 20, 1, device_sn="HW51ZOH4SF4U1217")))
+    # batDischargingTime 5999: "not discharging", reported as a cleared runtime (None).
     assert reading.values == {"soc_percent": 51, "soc_min_percent": 51, "pv_in_watts": 204,
-                              "ac_out_watts": 269}
+                              "ac_out_watts": 269, "remain_time_min": None}
     assert reading.raw["headers"][0]["pdata"]["batInputWatts"] == -223
     assert reading.model == "PowerStream"
 

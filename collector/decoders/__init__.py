@@ -11,8 +11,11 @@ the headers describe the same station at the same moment. The list return type l
 payloads that describe several stations.
 
 `Reading.values` holds only the columns the payload determines: EcoFlow messages are
-incremental, so the collector merges them into the device's last known snapshot. It should
-recompute soc_min_percent from the merged `soc_modules` when it has them.
+incremental, so the collector merges them into the device's last known snapshot. A column
+present with None is cleared (a "not applicable" sentinel such as a remaining time of 5999):
+the collector stores NULL for it until a real value arrives. soc_min_percent is the lowest
+pack in the payload, or the headline SoC marked `collector.rows.HeadlineSoc`, which the
+snapshot merge replaces by the lowest pack it knows (collector.rows.SnapshotMerger).
 
 Families, one module each: `delta_gen1` (Delta Pro, Delta Max), `delta_gen2` (Delta 2 / 2 Max,
 River 2 family), `gen3` (River 3, Delta 3, Delta Pro 3: protobuf and Delta Pro 3 REST),

@@ -41,6 +41,7 @@ def decode(fields: dict[str, Any], model: str | None) -> tuple[dict[str, Any], d
     pv_scale = _PV_SCALE.get(model or "")
     values = {
         "soc_percent": percent(f("ems.f32LcdShowSoc", f("ems.lcdShowSoc"))),
+        # 5999 / 5939 ("not discharging") clear the stored runtime (remain_minutes).
         "remain_time_min": remain_minutes(f("ems.dsgRemainTime")),
         "watts_in_sum": watts(f("pd.wattsInSum")),
         "watts_out_sum": out_watts(f("pd.wattsOutSum")),
@@ -49,7 +50,8 @@ def decode(fields: dict[str, Any], model: str | None) -> tuple[dict[str, Any], d
         # The scale of mppt.inWatts depends on the model: leave it unknown rather than guess.
         "pv_in_watts": watts(f("mppt.inWatts"), pv_scale) if pv_scale else None,
         **pd_port_watts(f),
-        "grid_connected": grid_from(None if volts is None else volts / 1000, ac_in),
+        "grid_connected": grid_from(None if volts is None else volts / 1000, ac_in,
+                                    family=FAMILY),
         "battery_temp_c": number(f("bmsMaster.temp")),
     }
     return finish(values, packs), packs

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .reading import (
+    CLEARED,
+    REMAIN_TIME_SENTINELS,
     finish,
     grid_from,
     number,
@@ -42,13 +44,20 @@ def _packs(fields: dict[str, Any]) -> dict[str, float]:
     return packs
 
 
-def _remain(fields: dict[str, Any]) -> int | None:
+def _remain(fields: dict[str, Any]) -> Any:
     # pd.remainTime is signed: negative = minutes to empty, positive = minutes to full. It is the
     # figure the station itself shows, so it wins over the EMS discharge estimate when negative.
     pd_remain = number(fields.get("pd.remainTime"))
     if pd_remain is not None and pd_remain < 0:
         return remain_minutes(-pd_remain)
-    return remain_minutes(fields.get("bms_emsStatus.dsgRemainTime"))
+    # "Not applicable" clears the stored runtime: dsgRemainTime 5999 / 5939, 0 while
+    # pd.chgDsgState says charging (2), or pd.remainTime 5999 in a pdStatus of its own. A
+    # positive pd.remainTime alone (minutes to full) says nothing about discharge.
+    charging = number(fields.get("pd.chgDsgState")) == 2
+    dsg = remain_minutes(fields.get("bms_emsStatus.dsgRemainTime"), charging)
+    if dsg is None and pd_remain is not None and int(pd_remain) in REMAIN_TIME_SENTINELS:
+        return CLEARED
+    return dsg
 
 
 def decode(fields: dict[str, Any], model: str | None) -> tuple[dict[str, Any], dict[str, float]]:
@@ -81,7 +90,8 @@ def decode(fields: dict[str, Any], model: str | None) -> tuple[dict[str, Any], d
         "ac_out_watts": out_watts(f("inv.outputWatts")),
         "pv_in_watts": pv,
         **pd_port_watts(f),
-        "grid_connected": grid_from(None if volts is None else volts / 1000, ac_in),
+        "grid_connected": grid_from(None if volts is None else volts / 1000, ac_in,
+                                    family=FAMILY),
         "battery_temp_c": number(f("bms_bmsStatus.temp")),
     }
     return finish(values, packs), packs

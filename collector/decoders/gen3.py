@@ -49,6 +49,8 @@ def decode(
     remain = f("cmsDsgRemTime")
     if number(remain) is None:
         remain = cms.get("dsgRemainTime")
+    # 5939 / 5999, or 0 while the CMS says charging (282 = 2), clear the stored runtime.
+    charging = number(f("cmsChgDsgState")) == 2
 
     # Delta Pro 3 splits AC out and PV in over two ports; the others report one total each.
     ac_out = _sum_present(f("powGetAcHvOut"), f("powGetAcLvOut"))
@@ -61,7 +63,7 @@ def decode(
     ac_in = watts(f("powGetAcIn"))
     values = {
         "soc_percent": soc,
-        "remain_time_min": remain_minutes(remain),
+        "remain_time_min": remain_minutes(remain, charging),
         "watts_in_sum": watts(f("powInSumW")),
         "watts_out_sum": out_watts(f("powOutSumW")),
         "ac_in_watts": ac_in,
@@ -69,8 +71,12 @@ def decode(
         "pv_in_watts": pv,
         "usb_out_watts": sum_all([out_watts(f("powGetQcusb1")), out_watts(f("powGetQcusb2"))]),
         "typec_out_watts": sum_all([out_watts(f("powGetTypec1")), out_watts(f("powGetTypec2"))]),
+        # AC-in power first (a River 3 Plus read 0 V and flag 0 with 83 W in), then runtime 68
+        # volts, then the AC-in flag (61) and the AC-charger flag (202, REST
+        # plugInInfoAcChargerFlag) as weak evidence.
         "grid_connected": grid_from(number(f("plugInInfoAcInVol")), ac_in,
-                                    f("plugInInfoAcInFlag")),
+                                    f("plugInInfoAcInFlag"), f("plugInInfoAcChargerFlag"),
+                                    family=FAMILY),
         "battery_temp_c": battery_temp,
     }
     return finish(values, packs), packs

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 
+from collector.rows import HeadlineSoc
+
 from .reading import DecodeError, Reading
 
 FAMILY = "nut"
@@ -48,7 +50,10 @@ def decode_vars(ups: str, variables: dict[str, str], device_sn: str | None = Non
     on_battery = "OB" in status or battery_done
     charge = number(v("battery.charge"))
     if charge is not None:
-        values["soc_percent"] = values["soc_min_percent"] = float(charge)
+        # The UPS's charge is a headline figure, not a pack: where the same serial also gets
+        # pack SoCs (from the cloud), the lowest pack stays soc_min (collector.rows).
+        values["soc_percent"] = float(charge)
+        values["soc_min_percent"] = HeadlineSoc(charge)
     if battery_done:
         values["soc_min_percent"] = 0.0
     runtime = number(v("battery.runtime"))

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from collector.rows import HeadlineSoc
+
 # The ecoflow_measurements columns a payload can determine (DESIGN.md "Database contract").
 COLUMNS = (
     "soc_percent",
@@ -30,6 +32,32 @@ REMAIN_TIME_SENTINELS = frozenset({5999, 5939})
 # AC-in voltage above this means the grid is there; below it is sensor noise.
 GRID_PRESENT_VOLTS = 50.0
 
+# AC-in power above this is the grid flowing in, whatever the voltage field says; below it is
+# sensor noise (PROTOCOL.md `grid_connected`: "above about 5 W").
+GRID_INFLOW_WATTS = 5
+
+# Families known to show "ghost voltage" (AC-in voltage with no power and no flag), on which
+# voltage alone is not proof of grid (PROTOCOL.md). None of our captures shows it: the Delta 2
+# capture with 230 V and 0 W in is a station on grid holding its charge limit.
+GHOST_VOLTAGE_FAMILIES: frozenset[str] = frozenset()
+
+
+class _Cleared:
+    """What a family decoder returns for a column the payload says does not apply now (a
+    remaining time of 5999 while charging): `finish` turns it into a None value, which the
+    collector stores as NULL from then on (collector.rows.SnapshotMerger)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "CLEARED"
+
+    def __reduce__(self) -> str:
+        return "CLEARED"
+
+
+CLEARED = _Cleared()
+
 _isfinite = math.isfinite
 
 # Epoch seconds between 2017 and 2100: anything else in a timestamp field is not wall-clock time
@@ -46,7 +74,11 @@ class Reading:
     """One decoded payload: the columns it determines, nothing it does not.
 
     values: only DESIGN.md columns this payload determines; a missing key means unknown (the
-        collector fills it from the device's last known state), never 0 or false.
+        collector fills it from the device's last known state), never 0 or false. A key whose
+        value is None is cleared: the payload says the column does not apply now (a "not
+        applicable" sentinel such as a remaining time of 5999), and the collector stores NULL
+        for it instead of the last known value. soc_min_percent is a HeadlineSoc when it is
+        only the headline SoC (no pack in the payload).
     soc_modules: per-pack SoC (percent) by pack name, for soc_min and the normalized MQTT state.
     raw: the JSON as received, or the protobuf decoded with our schema (MessageToDict).
     online: False for an "offline" reply (then values is empty), True when the payload says the
@@ -120,11 +152,14 @@ def percent(value: Any) -> float | None:
     return round(float(n), 2)
 
 
-def remain_minutes(value: Any) -> int | None:
-    """Minutes of runtime left; None for the "not applicable" sentinels and nonsense."""
+def remain_minutes(value: Any, charging: bool = False) -> int | _Cleared | None:
+    """Minutes of runtime left; CLEARED for the "not applicable" sentinels (5999, 5939, and 0
+    while the same message says the battery is charging); None for nonsense or nothing."""
     n = number(value)
-    if n is None or n < 0 or int(n) in REMAIN_TIME_SENTINELS:
+    if n is None or n < 0:
         return None
+    if int(n) in REMAIN_TIME_SENTINELS or (n == 0 and charging):
+        return CLEARED
     return int(round(n))
 
 
@@ -135,18 +170,32 @@ def sum_all(values: list[int | None]) -> int | None:
     return sum(values)  # type: ignore[arg-type]
 
 
+def _flag(value: Any) -> float | None:
+    if value is True or value is False:
+        return int(value)
+    return number(value)
+
+
 def grid_from(
-    ac_in_volts: float | None, ac_in_watts: float | None, ac_in_flag: Any = None
+    ac_in_volts: float | None, ac_in_watts: float | None, *flags: Any,
+    family: str | None = None,
 ) -> bool | None:
-    """grid_connected by PROTOCOL.md's rule: voltage, else power above 0, else the AC-in flag."""
-    if ac_in_volts is not None:
-        return ac_in_volts > GRID_PRESENT_VOLTS
-    if ac_in_watts is not None and ac_in_watts > 0:
+    """grid_connected by PROTOCOL.md's rule: AC-in power flowing in (above GRID_INFLOW_WATTS)
+    is the grid whatever the voltage says; else the AC-in voltage (volts); else the AC-in /
+    AC-charger flags, as weak evidence (any flag set: true; all reported flags 0: false); else
+    None. On a GHOST_VOLTAGE_FAMILIES family a voltage with no power is not proof: the flags
+    decide."""
+    if ac_in_watts is not None and ac_in_watts > GRID_INFLOW_WATTS:
         return True
-    flag = number(ac_in_flag)
-    if flag is not None:
-        # Weak evidence: the flag has been seen 0 while AC power flowed in.
-        return flag != 0
+    if ac_in_volts is not None:
+        if ac_in_volts <= GRID_PRESENT_VOLTS:
+            return False
+        if family not in GHOST_VOLTAGE_FAMILIES:
+            return True
+    reported = [f for f in map(_flag, flags) if f is not None]
+    if reported:
+        # Weak evidence: the AC-in flag has been seen 0 while 1701 W flowed in on AC.
+        return any(f != 0 for f in reported)
     return None
 
 
@@ -163,12 +212,14 @@ def epoch_ts(value: Any) -> datetime | None:
 
 
 def finish(values: dict[str, Any], soc_modules: dict[str, float]) -> dict[str, Any]:
-    """Drop unknown columns and add soc_min_percent: lowest pack SoC, else the headline SoC."""
-    result = {k: v for k, v in values.items() if v is not None}
+    """Drop unknown (None) columns, turn CLEARED ones into None, and add soc_min_percent: the
+    lowest pack SoC, else the headline SoC marked as HeadlineSoc (the collector keeps the
+    lowest known pack over it)."""
+    result = {k: (None if v is CLEARED else v) for k, v in values.items() if v is not None}
     if soc_modules:
         result["soc_min_percent"] = min(soc_modules.values())
-    elif "soc_percent" in result:
-        result["soc_min_percent"] = result["soc_percent"]
+    elif result.get("soc_percent") is not None:
+        result["soc_min_percent"] = HeadlineSoc(result["soc_percent"])
     return result
 
 
