@@ -36,7 +36,8 @@ def test_nut_variables_map_to_columns():
     online = decode_vars("river", ONLINE)
     assert online.device_sn == "R631ZEB4WH000777" and online.model == "EcoFlow River 3 Plus"
     assert online.values == {"soc_percent": 97.0, "soc_min_percent": 97.0, "grid_connected": True,
-                             "watts_out_sum": 85, "battery_temp_c": 24.5}
+                             "watts_out_sum": 85, "battery_temp_c": 24.5,
+                             "remain_time_min": None}  # on line: the last outage's runtime clears
     low = decode_vars("river", ON_BATTERY, device_sn="MY-SN")
     assert low.device_sn == "MY-SN"
     assert low.values["grid_connected"] is False and low.values["remain_time_min"] == 14

@@ -59,6 +59,10 @@ def decode_vars(ups: str, variables: dict[str, str], device_sn: str | None = Non
     runtime = number(v("battery.runtime"))
     if runtime is not None and on_battery:
         values["remain_time_min"] = round(runtime / 60)
+    elif "OL" in status and not on_battery:
+        # On line the UPS's runtime is "if the grid went now", not a discharge: clear the last
+        # outage's figure (None clears the column) so no runtime condition starts from it.
+        values["remain_time_min"] = None
     volts = number(v("input.voltage"))
     if on_battery or "OL" in status:
         values["grid_connected"] = not on_battery
