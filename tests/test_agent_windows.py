@@ -419,7 +419,7 @@ def test_default_commands_and_action_plan():
                                          re.M | re.S).group(1), re.M))
     assert defaults == {"SHUTDOWN_CMD": "shutdown.exe /s /f /t {delay_sec}",
                         "ABORT_CMD": "shutdown.exe /a", "HALT_CMD": ""}
-    assert "`shutdown.exe /s /t N`" in CONTRACT and "`shutdown.exe /a`" in CONTRACT
+    assert "`shutdown.exe /s /f /t N`" in CONTRACT and "`shutdown.exe /a`" in CONTRACT
     plan = ps_function("Get-ActionPlan")
     assert plan.startswith("function Get-ActionPlan([string]$Stage, [int]$DelaySec)")
     steps = set(re.findall(r"Step = '(\w+)'", plan)) | {"pre_shutdown_<n>"}
