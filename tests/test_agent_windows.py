@@ -426,8 +426,9 @@ def test_default_commands_and_action_plan():
     assert "Step = \"pre_shutdown_$($PreCommands[$n].N)\"" in plan
     contract_steps = set(re.findall(r"`(\w+(?:_<n>)?)`", CONTRACT.split("### Dry run")[1]
                                     .split("## Ack")[0])) & (steps | {"failsafe_shutdown"})
-    assert contract_steps == {"shutdown", "pre_shutdown_<n>", "abort", "failsafe_shutdown"}
-    assert steps == contract_steps | {"halt"}
+    assert contract_steps == {"shutdown", "pre_shutdown_<n>", "abort", "failsafe_shutdown",
+                              "halt"}  # `halt`: the Windows agent's optional HALT_CMD
+    assert steps == contract_steps
     # Split-Command: the window plus PRE_SHUTDOWN_TIMEOUT_SEC per pre-shutdown command.
     assert "$halt = $DelaySec + $PreTimeout * $PreCommands.Count" in ps_function("Split-Command")
     # Every local command comes from the plan; the halt only after the pre-shutdown commands.
