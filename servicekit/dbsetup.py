@@ -113,6 +113,13 @@ BEGIN
   EXECUTE format('GRANT USAGE ON SCHEMA public TO %I', r);
   EXECUTE format('GRANT SELECT ON ALL TABLES IN SCHEMA public TO %I', r);
   EXECUTE format('ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO %I', r);
+  -- Temporary tables are writes a read-only session still may do (they bypass
+  -- default_transaction_read_only once a client turns it off). Every role gets TEMP through
+  -- PUBLIC, so it is taken from PUBLIC; the database owner, which the collector and the
+  -- policy worker connect as, keeps it as the owner. (A warning, not an error, when the
+  -- migrating user does not own the database.)
+  EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+  EXECUTE format('REVOKE TEMPORARY ON DATABASE %I FROM %I', current_database(), r);
 END
 $$
 """
@@ -127,6 +134,8 @@ BEGIN
     EXECUTE format('REVOKE SELECT ON ALL TABLES IN SCHEMA public FROM %I', r);
     EXECUTE format('REVOKE USAGE ON SCHEMA public FROM %I', r);
   END IF;
+  -- PostgreSQL's default, taken away by _GRANT_SQL.
+  EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO PUBLIC', current_database());
 END
 $$
 """

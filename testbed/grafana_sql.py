@@ -5,7 +5,10 @@ Grafana prepares a panel's SQL in two steps, and so does `expand`:
 1. the dashboard's template variables and the global interval variables (`$__interval`,
    `$__interval_ms`, `$__unixEpochFrom()`, `$__unixEpochTo()`) are substituted as text; a
    multi-value variable becomes a comma-separated list of quoted literals, a single value is
-   inserted as it is (with quotes doubled), as the SQL data sources format them;
+   inserted as it is (with quotes doubled), as the SQL data sources format them. A variable
+   whose query found nothing is an empty list when multi-value (its "All" included: Grafana
+   joins the options' values, and there are none), so it becomes no text at all and
+   `IN ($var)` turns into the syntax error Grafana shows; a single-value one is `""`;
 2. the PostgreSQL data source's macros (`$__timeFilter`, `$__timeGroup`, `$__timeGroupAlias`,
    `$__time`, `$__unixEpochGroup`, ...) are replaced, with `time_bucket()` for `$__timeGroup`
    when the data source has TimescaleDB enabled, as Grafana's own macro engine does.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import jsonschema
@@ -22,7 +23,9 @@ COMPOSE_FILE = COMPOSE_DIR / "compose.yaml"
 ENV_EXAMPLE = COMPOSE_DIR / ".env.example"
 SCHEMA = Path(__file__).parent / "data" / "compose-spec.json"
 
-ALWAYS = {"timescaledb", "mosquitto", "migrate", "policy", "grafana"}
+ALWAYS = {"timescaledb", "mosquitto-users", "mosquitto", "migrate", "policy", "grafana"}
+# Run once per `up` and exit; what depends on them waits for a clean exit.
+ONE_SHOT = {"mosquitto-users", "migrate"}
 PROFILES = {
     "ecoflow": {"collector"},
     "bridge": {"bridge-collector"},
@@ -81,6 +84,7 @@ def test_services_start_in_order(compose):
         return {dep: spec["condition"] for dep, spec in services[name].get("depends_on", {}).items()}
 
     assert needs("migrate") == {"timescaledb": "service_healthy"}
+    assert needs("mosquitto") == {"mosquitto-users": "service_completed_successfully"}
     assert needs("grafana") == {"migrate": "service_completed_successfully"}
     for name in ("policy", "collector", "bridge-collector", "demo-collector"):
         assert needs(name) == {"migrate": "service_completed_successfully",
@@ -91,12 +95,14 @@ def test_services_start_in_order(compose):
             if condition == "service_healthy":
                 assert "healthcheck" in services[dep], f"{dep} has no healthcheck"
             if condition == "service_completed_successfully":
-                assert services[dep]["restart"] == "on-failure", f"{dep} must be one-shot"
+                assert dep in ONE_SHOT, f"{dep} must be one-shot"
 
 
 def test_every_service_restarts_and_long_running_ones_come_back_after_a_reboot(compose):
     for name, svc in compose["services"].items():
-        expected = "on-failure" if name == "migrate" else "unless-stopped"
+        # A one-shot that fails has a reason a restart does not fix (a missing password, a
+        # broken migration): `up` stops with its log instead of looping.
+        expected = "no" if name in ONE_SHOT else "unless-stopped"
         assert svc.get("restart") == expected, name
 
 
@@ -122,7 +128,7 @@ def test_the_stacks_own_services_run_from_one_image_as_a_non_root_user(compose):
             assert svc["user"] == "10001:10001", name
             images.add(svc["image"])
         else:
-            assert name in {"timescaledb", "mosquitto", "grafana"}, name
+            assert name in {"timescaledb", "mosquitto-users", "mosquitto", "grafana"}, name
     assert len(images) == 1
     # Images that drop root themselves (TimescaleDB runs postgres as its own user); the
     # others are told which user to be.
@@ -135,8 +141,16 @@ def test_every_command_a_service_runs_is_a_console_script_of_the_package():
 
     compose = yaml.safe_load(COMPOSE_FILE.read_text())
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    commands = {svc["command"][0] for svc in compose["services"].values() if "command" in svc}
-    commands.discard("python")  # the demo agent: a standalone script, checked below
+    dockerfile = (COMPOSE_DIR / "Dockerfile").read_text()
+    commands = set()
+    for name, svc in compose["services"].items():
+        if "build" not in svc:
+            continue
+        command = svc["command"]
+        if command[0] == "python":  # a standalone script the Dockerfile copies in
+            assert re.search(rf"^COPY \S+ {re.escape(command[1])}$", dockerfile, re.M), name
+            command = command[command.index("--") + 1:] if "--" in command else []
+        commands |= set(command[:1])
     assert commands <= set(scripts), commands - set(scripts)
     for module_path in scripts.values():
         module = module_path.split(":")[0]
@@ -180,6 +194,7 @@ def test_every_mounted_file_exists(compose):
                 assert source in compose["volumes"], f"{name} uses undeclared volume {source}"
     assert (COMPOSE_DIR / "mosquitto" / "mosquitto.conf").is_file()
     assert (COMPOSE_DIR / "mosquitto" / "acl").is_file()
+    assert (COMPOSE_DIR / "mosquitto" / "init-users.sh").is_file()
 
 
 def test_every_named_volume_is_used(compose):
@@ -193,9 +208,50 @@ def test_mosquitto_config_points_at_the_mounted_files(compose):
     mounts = dict(v.split(":")[:2] for v in compose["services"]["mosquitto"]["volumes"])
     config_dir = mounts["./mosquitto"]
     assert f"acl_file {config_dir}/acl" in conf
-    assert f"password_file {config_dir}/passwd" in conf
+    # The password file is the one the mosquitto-users step writes into a shared volume.
+    init = compose["services"]["mosquitto-users"]
+    init_mounts = dict(v.split(":")[:2] for v in init["volumes"])
+    assert init_mounts["./mosquitto"] == config_dir
+    assert re.search(rf"^password_file {mounts['mosquitto-users']}/passwd$", conf, re.M)
+    assert init_mounts["mosquitto-users"] == mounts["mosquitto-users"]
+    assert compose["services"]["mosquitto"]["volumes"] == [
+        v if v.startswith("mosquitto-data") else v.removesuffix(":ro") + ":ro"
+        for v in compose["services"]["mosquitto"]["volumes"]]
     data_dir = mounts["mosquitto-data"]
     assert re.search(rf"^persistence_location {data_dir}/?$", conf, re.M)
+
+
+def test_broker_users_are_made_from_env_with_mosquittos_own_tool(compose):
+    init = compose["services"]["mosquitto-users"]
+    assert init["image"] == compose["services"]["mosquitto"]["image"]
+    assert init["entrypoint"] == ["/bin/sh", "/mosquitto/config/init-users.sh"]
+    env = init["environment"]
+    # The users the stack's own services log in as, with the same values they use.
+    services = compose["services"]
+    assert env["POLICY_MQTT_USER"] == services["policy"]["environment"]["MQTT_USER"]
+    assert env["POLICY_MQTT_PASS"] == services["policy"]["environment"]["MQTT_PASS"]
+    assert env["COLLECTOR_MQTT_USER"] == services["collector"]["environment"]["MQTT_USER"]
+    assert env["COLLECTOR_MQTT_PASS"] == services["collector"]["environment"]["MQTT_PASS"]
+    assert env["BRIDGE_MQTT_USER"] == services["simulator"]["environment"]["MQTT_USER"]
+    assert env["BRIDGE_MQTT_PASS"] == services["simulator"]["environment"]["MQTT_PASS"]
+    assert env["DEMO_AGENT_ID"] == services["demo-agent"]["environment"]["AGENT_ID"]
+    assert env["DEMO_AGENT_MQTT_PASS"] == services["demo-agent"]["environment"]["MQTT_PASS"]
+    # The two every profile needs are refused at once when missing.
+    for name in ("POLICY_MQTT_PASS", "COLLECTOR_MQTT_PASS"):
+        assert env[name].startswith(f"${{{name}:?"), name
+
+
+def test_the_database_healthcheck_probes_tcp(compose):
+    # The image's first-start initdb runs a server on the Unix socket only; a socket probe
+    # passes then, and the migration would meet the restart that follows.
+    test = compose["services"]["timescaledb"]["healthcheck"]["test"]
+    assert "pg_isready" in test[1] and "-h 127.0.0.1" in test[1]
+
+
+def test_migrate_waits_for_the_database_before_migrating(compose):
+    command = compose["services"]["migrate"]["command"]
+    assert command[:2] == ["python", "/opt/ecoflow/wait-for-database"]
+    assert command[command.index("--") + 1:] == ["ecoflow-migrate"]
 
 
 def test_grafana_mounts_agree_with_its_provisioning(compose):
@@ -240,3 +296,215 @@ def test_image_build_context_keeps_what_pip_install_needs():
     needed |= {p.strip().strip('"').split(".")[0] for p in packages.split(",") if p.strip()}
     assert not needed & ignored, needed & ignored
     assert {".git", ".venv", ".env", "compose/.env"} <= ignored
+
+
+# -- every setting a service reads can be given in compose/.env ---------------------------
+# Settings a service is not given on purpose, and why.
+NOT_PASSED = {
+    "DATABASE_URL": "the POSTGRES_* variables name the stack's database",
+    "POSTGRES_READONLY_USER": "only the migrate service manages the read-only role",
+    "POSTGRES_READONLY_PASSWORD": "only the migrate service manages the read-only role",
+    "RETENTION_DAYS": "the migrate service sets the retention policy",
+    "MQTT_TLS_CA": "the broker is reached over the Compose network (plain listener)",
+    "MQTT_CLIENT_ID": "one policy worker: its default client id is right",
+    "COLLECTOR_CLIENT_ID": "one collector per profile: its default client id is right",
+    "ECOFLOW_TLS_CA": "EcoFlow's hosts use public CAs, which the image carries",
+}
+COLLECTOR_ONLY_FOR = {  # a source's settings go only to the service that runs it
+    "ecoflow": {"NUT_", "SIMULATOR_", "BRIDGE_TOPICS"},
+    "bridge": {"NUT_", "SIMULATOR_", "ECOFLOW_", "COLLECTING_INTERVAL"},
+}
+
+
+def passed_through(svc: dict) -> set[str]:
+    """Variables given with no value: Compose takes them from compose/.env when set there
+    and leaves them out otherwise, so the service's own default applies."""
+    return {name for name, value in svc["environment"].items() if value is None}
+
+
+def policy_variables() -> set[str]:
+    from policy.settings import ENV_NAMES
+    from servicekit.settings import ENV_NAMES as DATABASE
+
+    return set(ENV_NAMES.values()) | set(DATABASE.values()) | {"LOG_LEVEL"}
+
+
+def collector_variables() -> set[str]:
+    from collector.settings import ENV_NAMES
+    from servicekit.settings import ENV_NAMES as DATABASE
+
+    return set(ENV_NAMES.values()) | set(DATABASE.values()) | {"LOG_LEVEL"}
+
+
+def test_the_policy_worker_receives_every_setting_it_reads(compose):
+    given = set(compose["services"]["policy"]["environment"])
+    expected = policy_variables() - set(NOT_PASSED)
+    assert given == expected, (f"not passed: {sorted(expected - given)}; "
+                               f"unknown: {sorted(given - expected)}")
+
+
+@pytest.mark.parametrize("service,profile", [("collector", "ecoflow"),
+                                             ("bridge-collector", "bridge")])
+def test_each_collector_receives_every_setting_its_sources_read(compose, service, profile):
+    given = set(compose["services"][service]["environment"])
+    expected = {name for name in collector_variables() - set(NOT_PASSED)
+                if not any(name.startswith(p) for p in COLLECTOR_ONLY_FOR[profile])}
+    assert given == expected, (f"not passed: {sorted(expected - given)}; "
+                               f"unknown: {sorted(given - expected)}")
+
+
+def test_a_policy_file_can_be_mounted(compose):
+    policy = compose["services"]["policy"]
+    mounts = dict(v.split(":")[:2] for v in policy["volumes"])
+    assert mounts["./policy"] == "/etc/ecoflow/policy"
+    assert (COMPOSE_DIR / "policy").is_dir()
+    example = ENV_EXAMPLE.read_text()
+    assert re.search(r"^#POLICY_CONFIG_FILE=/etc/ecoflow/policy/\S+\.yaml$", example, re.M)
+
+
+def test_every_passed_through_setting_is_documented_with_the_services_default(compose):
+    """Listed in .env.example commented out (an empty value is not "unset" to the
+    services: it fails validation), with the default the service applies without it."""
+    from collector.settings import ENV_NAMES as COLLECTOR
+    from collector.settings import CollectorSettings
+    from policy.settings import ENV_NAMES as POLICY
+    from policy.settings import PolicySettings
+
+    example = ENV_EXAMPLE.read_text()
+    commented = dict(re.findall(r"^#([A-Z][A-Z0-9_]*)=(.*)$", example, re.M))
+    fields = {var: (PolicySettings, f) for f, var in POLICY.items()}
+    fields |= {var: (CollectorSettings, f) for f, var in COLLECTOR.items()}
+    names = set().union(*(passed_through(svc) for svc in compose["services"].values()
+                          if "environment" in svc))
+    assert names, "nothing passed through"
+    for name in names:
+        assert name in commented, f"{name}: list it in .env.example as #{name}=..."
+        cls, field = fields[name]
+        default = cls.model_fields[field].default
+        if default is None:  # optional: the example shows a sample value
+            continue
+        parsed = cls.model_validate({name: commented[name]}) if commented[name] else None
+        assert parsed is not None and getattr(parsed, field) == default, (
+            f"{name}: .env.example says {commented[name]!r}, the service's default is "
+            f"{default!r}")
+
+
+def test_docs_state_the_minimum_compose_version_and_the_brokers_outage_cover():
+    docs = (ROOT / "docs" / "compose.md").read_text()
+    # The root compose.yaml uses `include:` (Compose 2.20).
+    assert re.search(r"Compose\s+(v|version\s+)?2\.20", docs)
+    conf = (COMPOSE_DIR / "mosquitto" / "mosquitto.conf").read_text()
+    queued = int(re.search(r"^max_queued_messages (\d+)$", conf, re.M).group(1))
+    assert f"{queued:,}" in docs
+    assert "docker compose --profile ecoflow up" in docs
+
+
+# -- migrate waits for the database (compose/wait-for-database, run natively) --------------
+WAIT_SCRIPT = COMPOSE_DIR / "wait-for-database"
+
+
+def _wait_env(url: str) -> dict[str, str]:
+    import os
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("POSTGRES_", "DATABASE_URL"))}
+    # The image's PATH holds the console scripts; here they are next to this Python.
+    path = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return dict(env, DATABASE_URL=url, PYTHONPATH=str(ROOT), PATH=path)
+
+
+def _late_proxy(listen_port: int, target_port: int, after: float):
+    """Starts forwarding 127.0.0.1:listen_port to the database only after `after` seconds,
+    as a database container does that is not up yet."""
+    import socket
+    import threading
+
+    stop = threading.Event()
+
+    def pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def serve():
+        time.sleep(after)
+        server = socket.create_server(("127.0.0.1", listen_port))
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                client, _ = server.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(("127.0.0.1", target_port))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+        server.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return stop
+
+
+def test_migrate_retries_until_the_database_accepts_connections(pg_server, empty_db_url):
+    import subprocess
+    import sys
+    from urllib.parse import urlsplit, urlunsplit
+
+    from testbed.ports import free_port
+
+    parts = urlsplit(empty_db_url)
+    port = free_port()
+    late_url = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.port}",
+                                                                     f":{port}")))
+    stop = _late_proxy(port, parts.port, after=3)
+    try:
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, str(WAIT_SCRIPT), "--timeout", "60", "--",
+                               "ecoflow-migrate"], env=_wait_env(late_url),
+                              capture_output=True, text=True, timeout=300)
+    finally:
+        stop.set()
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started >= 3
+    assert "not yet" in done.stderr
+    import psycopg
+
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT version_num FROM alembic_version").fetchone()
+
+
+def test_migrate_gives_up_with_a_message_when_nothing_answers():
+    import subprocess
+    import sys
+
+    from testbed.ports import free_port
+
+    url = f"postgresql://ecoflow:x@127.0.0.1:{free_port()}/ecoflow"
+    done = subprocess.run([sys.executable, str(WAIT_SCRIPT), "--timeout", "2", "--",
+                           "true"], env=_wait_env(url), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1
+    assert "did not accept connections within 2 s" in done.stderr
+
+
+def test_migrate_stops_at_once_on_a_refused_login(pg_server, empty_db_url):
+    import subprocess
+    import sys
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(empty_db_url)
+    url = urlunsplit(parts._replace(path="/no_such_database_here"))
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, str(WAIT_SCRIPT), "--timeout", "60", "--",
+                           "true"], env=_wait_env(url), capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 1 and time.monotonic() - started < 20
+    assert "does not exist" in done.stderr and "POSTGRES_DB" in done.stderr

@@ -152,6 +152,17 @@ def test_expander_writes_macros_and_variables_as_grafana_does():
         expand("SELECT '$nope'", start, start)
 
 
+def test_expander_writes_a_variable_without_options_as_grafana_does():
+    # No reading yet: the variable's query finds nothing. A multi-value variable (and its
+    # "All") is then an empty list, which Grafana's SQL data sources write as nothing at all
+    # (the quoted values joined by commas); a single-value one is the empty string.
+    start = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    assert expand("sn IN ($device)", start, start, variables={"device": []}) == "sn IN ()"
+    assert expand("sn = ANY(ARRAY[$device]::text[])", start, start,
+                  variables={"device": []}) == "sn = ANY(ARRAY[]::text[])"
+    assert expand("sn = '$device'", start, start, variables={"device": ""}) == "sn = ''"
+
+
 def test_default_ranges_reach_every_rollup_tier():
     # The tiered panels read raw rows below 1-minute buckets, ecoflow_rollup_1m or
     # ecoflow_stats_1m up to 1-hour buckets and the 1-hour views beyond: the three test ranges
@@ -253,9 +264,13 @@ def conn(request, seeded, db_url):
         yield Seeded(reader, seeded.now, seeded.timescaledb)
 
 
-def variable_values(db: Seeded, dashboard: str) -> dict:
+def variable_values(db: Seeded, dashboard: str, allow_empty: bool = False) -> dict:
     """Every variable of a dashboard at what Grafana selects by default: all values of a
-    multi-value variable with "All", the first value otherwise."""
+    multi-value variable with "All", the first value otherwise.
+
+    A variable whose query finds nothing (no reading yet) takes the value Grafana gives it
+    then: no values at all for a multi-value variable (its "All" is the empty list of
+    options), the empty string for a single-value one."""
     values = {}
     dash = load(DASHBOARDS / f"{dashboard}.json")
     for var in dash["templating"]["list"]:
@@ -263,16 +278,18 @@ def variable_values(db: Seeded, dashboard: str) -> dict:
                      timescaledb=db.timescaledb)
         rows = db.conn.execute(sql).fetchall()
         options = [row[0] for row in rows]
-        assert options, f"variable {var['name']} of {dashboard} has no options"
-        values[var["name"]] = options if var.get("multi") or var.get("includeAll") else options[0]
+        assert options or allow_empty, f"variable {var['name']} of {dashboard} has no options"
+        multi = var.get("multi") or var.get("includeAll")
+        values[var["name"]] = options if multi else (options[0] if options else "")
     return values
 
 
-def run(db: Seeded, query: Query, span: timedelta):
+def run(db: Seeded, query: Query, span: timedelta, allow_empty: bool = False):
     """The query as Grafana would send it for a panel showing the last `span`."""
     start = db.now - span
+    variables = variable_values(db, query.dashboard, allow_empty)
     sql = expand(query.sql, start, db.now, interval=auto_interval(start, db.now),
-                 variables=variable_values(db, query.dashboard), timescaledb=db.timescaledb)
+                 variables=variables, timescaledb=db.timescaledb)
     with db.conn.cursor() as cur:
         cur.execute(sql)
         columns = [(c.name, c.type_code) for c in cur.description]
@@ -305,6 +322,36 @@ def names_the_panel_needs(panel: dict) -> tuple[set[str], list[str]]:
 @pytest.mark.parametrize("query", QUERIES, ids=[q.id for q in QUERIES])
 def test_every_query_runs_and_returns_the_columns_its_panel_needs(conn, query, span):
     columns, _rows = run(conn, query, span)
+    check_columns(conn, query, columns)
+
+
+@pytest.fixture(params=["owner", "reader"])
+def empty(request, db, db_url, pg_server):
+    """A migrated database before the first reading, as its owner and as Grafana's role."""
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    if request.param == "owner":
+        yield Seeded(db, now, pg_server.timescaledb)
+        return
+    parts = urlsplit(db_url)
+    netloc = f"{READONLY_USER}:{READONLY_PASSWORD}@{parts.hostname}:{parts.port}"
+    with psycopg.connect(urlunsplit(parts._replace(netloc=netloc)), autocommit=True) as reader:
+        yield Seeded(reader, now, pg_server.timescaledb)
+
+
+@pytest.mark.parametrize("span", RANGES.values(), ids=RANGES.keys())
+@pytest.mark.parametrize("query", QUERIES, ids=[q.id for q in QUERIES])
+def test_every_query_shows_no_data_rather_than_an_error_before_the_first_reading(
+        empty, query, span):
+    # Before the first reading the device variable has no options: Grafana then sends an
+    # empty value list for it, and a panel must come back empty (Grafana's "No data"), not
+    # with a syntax error.
+    columns, rows = run(empty, query, span, allow_empty=True)
+    check_columns(empty, query, columns)
+    if query.format == "time_series" or query.kind in ("variable", "annotation"):
+        assert rows == [], rows
+
+
+def check_columns(conn: Seeded, query: Query, columns) -> None:
     names = [name for name, _ in columns]
     assert len(names) == len(set(names)), f"duplicate column names: {names}"
     types = dict(columns)
@@ -418,3 +465,135 @@ def test_home_assistant_sensors_are_single_selects_with_one_row_each(seeded, con
             assert len(rows) == 1, sensor["name"]
             assert sensor["column"] in [c.name for c in cur.description], sensor["name"]
             assert rows[0][0] is not None or sensor["column"] == "remain_time_min", sensor["name"]
+
+
+# -- alert rules (grafana/provisioning/alerting) -------------------------------------------
+ALERTING = ROOT / "grafana" / "provisioning" / "alerting" / "ecoflow.yaml"
+ALERT_UIDS = {"ecoflow-grid-lost", "ecoflow-soc-low", "ecoflow-station-silent",
+              "ecoflow-agent-offline", "ecoflow-dead-letters"}
+EVALUATORS = {"gt": lambda v, p: v > p[0], "lt": lambda v, p: v < p[0],
+              "within_range": lambda v, p: p[0] < v < p[1],
+              "outside_range": lambda v, p: v < p[0] or v > p[1]}
+
+
+def alert_rules() -> list[dict]:
+    if not ALERTING.exists():
+        return []
+    return [rule for group in yaml.safe_load(ALERTING.read_text())["groups"]
+            for rule in group["rules"]]
+
+
+RULES = alert_rules()
+
+
+def sql_node(rule: dict) -> dict:
+    nodes = [n for n in rule["data"] if n["datasourceUid"] != "__expr__"]
+    assert len(nodes) == 1, rule["uid"]
+    return nodes[0]
+
+
+def test_alert_rules_are_provisioned_for_each_condition_a_user_must_hear_about():
+    document = yaml.safe_load(ALERTING.read_text())
+    assert document["apiVersion"] == 1
+    folder = yaml.safe_load(PROVIDERS.read_text())["providers"][0]["folder"]
+    for group in document["groups"]:
+        assert group["orgId"] == 1 and group["folder"] == folder
+        assert re.fullmatch(r"\d+[smh]", group["interval"])
+    assert {rule["uid"] for rule in RULES} == ALERT_UIDS
+    titles = [rule["title"] for rule in RULES]
+    assert len(titles) == len(set(titles))
+    for rule in RULES:
+        refs = {node["refId"]: node for node in rule["data"]}
+        assert rule["condition"] in refs, rule["uid"]
+        query = sql_node(rule)
+        assert query["datasourceUid"] == DATASOURCE_UID
+        assert query["model"]["format"] == "table" and query["model"]["rawSql"].strip()
+        assert query["relativeTimeRange"]["from"] > query["relativeTimeRange"]["to"] >= 0
+        condition = refs[rule["condition"]]
+        assert condition["datasourceUid"] == "__expr__"
+        assert condition["model"]["type"] == "threshold"
+        assert condition["model"]["expression"] == query["refId"], rule["uid"]
+        evaluator = condition["model"]["conditions"][0]["evaluator"]
+        assert evaluator["type"] in EVALUATORS, rule["uid"]
+        # No station or agent yet is no reason to alert; a failing query is.
+        assert rule["noDataState"] == "OK" and rule["execErrState"] in ("Error", "Alerting")
+        assert re.fullmatch(r"\d+[smh]", rule["for"]), rule["uid"]
+        assert rule["annotations"]["summary"] and rule["labels"]["severity"]
+        # Grafana expands $NAME from its environment in provisioned labels (not in
+        # annotations or the query model): a template there would be eaten.
+        assert "$" not in json.dumps(rule["labels"]), rule["uid"]
+
+
+def run_alert(db: Seeded, rule: dict):
+    """The rule's query as Grafana's alerting sends it: its relative time range, no
+    template variables."""
+    node = sql_node(rule)
+    now = db.conn.execute("SELECT now()").fetchone()[0]
+    span = node["relativeTimeRange"]
+    sql = expand(node["model"]["rawSql"], now - timedelta(seconds=span["from"]),
+                 now - timedelta(seconds=span["to"]),
+                 interval=timedelta(milliseconds=node["model"].get("intervalMs", 1000)),
+                 timescaledb=db.timescaledb)
+    with db.conn.cursor() as cur:
+        cur.execute(sql)
+        columns = [(c.name, c.type_code) for c in cur.description]
+        rows = cur.fetchall()
+    # Grafana turns a table into one number per row: exactly one numeric column, the text
+    # columns become the labels, which must tell the rows apart; a time column would make
+    # it a time series that needs a reduce step.
+    numeric = [name for name, oid in columns if oid in NUMERIC_OIDS]
+    assert len(numeric) == 1, columns
+    assert all(oid == 25 for name, oid in columns if name not in numeric), columns  # text
+    labels = [tuple(v for (name, _), v in zip(columns, row) if name != numeric[0])
+              for row in rows]
+    assert len(labels) == len(set(labels)), labels
+    value_at = [name for name, _ in columns].index(numeric[0])
+    return {label: row[value_at] for label, row in zip(labels, rows)}
+
+
+def firing(db: Seeded, uid: str) -> set[tuple]:
+    rule = next(r for r in RULES if r["uid"] == uid)
+    values = run_alert(db, rule)
+    condition = next(n for n in rule["data"] if n["refId"] == rule["condition"])
+    evaluator = condition["model"]["conditions"][0]["evaluator"]
+    check = EVALUATORS[evaluator["type"]]
+    return {label for label, value in values.items()
+            if value is not None and check(float(value), evaluator["params"])}
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r["uid"] for r in RULES])
+def test_every_alert_query_is_quiet_on_an_empty_database(empty, rule):
+    assert run_alert(empty, rule) == {}
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r["uid"] for r in RULES])
+def test_every_alert_query_runs_on_the_seeded_database(conn, rule):
+    run_alert(conn, rule)
+
+
+def test_alerts_fire_for_what_the_seeded_history_holds_and_nothing_else(seeded):
+    # Both stations on grid at 90 %, fresh; nas-01 online, pc-01 offline; one dead letter.
+    assert firing(seeded, "ecoflow-grid-lost") == set()
+    assert firing(seeded, "ecoflow-soc-low") == set()
+    assert firing(seeded, "ecoflow-station-silent") == set()
+    assert firing(seeded, "ecoflow-agent-offline") == {("pc-01", "Workstation")}
+    assert firing(seeded, "ecoflow-dead-letters") == set()
+
+
+def test_alerts_fire_when_the_grid_goes_soc_drops_a_station_falls_silent_and_errors_pile_up(
+        seeded):
+    db = seeded.conn
+    db.execute("INSERT INTO ecoflow_measurements (ts, device_sn, soc_percent, grid_connected,"
+               " source, raw_data) VALUES (now(), %s, 12, false, 'open_mqtt', '{}')", [OFFICE])
+    db.execute("DELETE FROM ecoflow_measurements WHERE device_sn = %s"
+               " AND ts > now() - interval '10 minutes'", [GARAGE])
+    db.execute("INSERT INTO ingest_errors (source, payload, error)"
+               " SELECT 'rest', '\\x00'::bytea, 'bad' FROM generate_series(1, 20)")
+    db.execute("INSERT INTO agent_status (agent_id, online) VALUES ('pc-01', true)"
+               " ON CONFLICT (agent_id) DO UPDATE SET online = true")
+    office = (OFFICE, "Office Delta 2")
+    assert firing(seeded, "ecoflow-grid-lost") == {office}
+    assert firing(seeded, "ecoflow-soc-low") == {office}
+    assert firing(seeded, "ecoflow-station-silent") == {(GARAGE, "Garage Delta Pro")}
+    assert firing(seeded, "ecoflow-agent-offline") == set()
+    assert firing(seeded, "ecoflow-dead-letters") == {("rest",)}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
+from servicekit.migrate import apply_settings
 from tests.services import READONLY_USER
 
 VIEWS = ("ecoflow_latest", "outages", "energy_daily", "ecoflow_rollup_1m", "ecoflow_rollup_1h")
@@ -56,3 +57,25 @@ def test_reader_cannot_create_tables(reader):
     reader.execute("SET default_transaction_read_only = off")
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         reader.execute("CREATE TABLE mine (x int)")
+
+
+def test_reader_cannot_create_temporary_tables(reader, pg_server, db_url):
+    # PUBLIC holds TEMP on every new database; `ecoflow-migrate` takes it away on every run
+    # (a database's own privileges are not copied from the template the tests clone, so the
+    # run is repeated here as the stack's migrate service does at each start).
+    apply_settings(pg_server.settings(db_url.rsplit("/", 1)[1]))
+    reader.execute("SET default_transaction_read_only = off")
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        reader.execute("CREATE TEMP TABLE mine (x int)")
+    assert reader.execute(
+        "SELECT has_database_privilege(current_user, current_database(), 'TEMP')"
+    ).fetchone() == (False,)
+
+
+def test_the_owner_keeps_its_temporary_tables(pg_server, db_url, db):
+    # The collector stages readings in a temporary table; it connects as the owner.
+    apply_settings(pg_server.settings(db_url.rsplit("/", 1)[1]))
+    db.execute("CREATE TEMP TABLE owner_scratch (x int)")
+    assert db.execute(
+        "SELECT has_database_privilege(current_user, current_database(), 'TEMP')"
+    ).fetchone() == (True,)

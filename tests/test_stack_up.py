@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -154,3 +155,192 @@ def test_add_mqtt_user_writes_a_user_the_compose_broker_can_read(tmp_path):
     with broker_with(tmp_path, passwd) as port:
         assert _login(port, "nas-01", "s3cret-for-nas")
         assert not _login(port, "nas-01", "wrong")
+
+
+# -- the stack's own first start: compose/.env alone ----------------------------------------
+# `docker compose up` runs compose/mosquitto/init-users.sh in the eclipse-mosquitto image
+# (mosquitto-users) before the broker starts: here it runs with this machine's sh and
+# mosquitto_passwd, and the broker is a real Mosquitto started with the shipped mosquitto.conf,
+# only its container paths and the listener moved to temporary ones.
+CONF = REPO / "compose" / "mosquitto" / "mosquitto.conf"
+INIT = REPO / "compose" / "mosquitto" / "init-users.sh"
+
+
+def filled_env_example() -> dict[str, str]:
+    """.env.example as a user fills it: every empty password set."""
+    values = env_values(REPO / "compose" / ".env.example")
+    for name in SECRETS:
+        values[name] = f"{name.lower()}-S3cret"
+    return values
+
+
+def run_init(config_dir: Path, users_dir: Path, env: dict[str, str]):
+    import os
+
+    mosquitto_passwd = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    full = {"PATH": f"{Path(mosquitto_passwd).parent}:{os.environ['PATH']}",
+            "MOSQUITTO_CONFIG_DIR": str(config_dir), "MOSQUITTO_USERS_DIR": str(users_dir),
+            **env}
+    return subprocess.run(["sh", str(INIT)], env=full, capture_output=True, text=True,
+                          timeout=60, stdin=subprocess.DEVNULL)
+
+
+class ShippedBroker:
+    """Mosquitto with compose/mosquitto/mosquitto.conf, paths moved under `base`."""
+
+    def __init__(self, base: Path):
+        self.base = base
+        self.config = base / "config"
+        self.users = base / "users"
+        self.data = base / "data"
+        for d in (self.users, self.data):
+            d.mkdir(parents=True, exist_ok=True)
+        if not self.config.exists():
+            shutil.copytree(REPO / "compose" / "mosquitto", self.config)
+        self.port = free_port()
+        self.proc = None
+
+    def conf(self) -> Path:
+        text = CONF.read_text()
+        for container, here in (("/mosquitto/config", self.config),
+                                ("/mosquitto/users", self.users),
+                                ("/mosquitto/data", self.data)):
+            text = text.replace(container, str(here))
+        text, listeners = re.subn(r"^listener 1883$", f"listener {self.port} 127.0.0.1",
+                                  text, flags=re.M)
+        assert listeners == 1
+        path = self.base / "mosquitto.conf"
+        path.write_text(text + f"\nuser {getpass.getuser()}\n")
+        return path
+
+    def start(self) -> ShippedBroker:
+        self.proc = subprocess.Popen([find_mosquitto(), "-c", str(self.conf())],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        wait_for_port(self.port)
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill() if kill else self.proc.terminate()
+            self.proc.wait(10)
+        self.proc = None
+
+
+@pytest.fixture
+def shipped(tmp_path):
+    broker = ShippedBroker(tmp_path / "broker")
+    yield broker
+    broker.stop()
+
+
+def test_the_init_step_makes_every_user_the_stack_logs_in_as(shipped, tmp_path):
+    values = filled_env_example()
+    # A host agent added with scripts/add-mqtt-user is kept.
+    agent_file = shipped.config / "passwd"
+    subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-c", "-b",
+                    str(agent_file), "nas-01", "nas-S3cret"], check=True)
+    done = run_init(shipped.config, shipped.users, values)
+    assert done.returncode == 0, done.stderr
+    for name in SECRETS:
+        assert values[name] not in done.stdout + done.stderr
+    assert (shipped.users / "passwd").stat().st_mode & 0o077 == 0
+    shipped.start()
+    assert _login(shipped.port, "policy", values["POLICY_MQTT_PASS"])
+    assert _login(shipped.port, "collector", values["COLLECTOR_MQTT_PASS"])
+    assert _login(shipped.port, "bridge", values["BRIDGE_MQTT_PASS"])
+    assert _login(shipped.port, "demo-host", values["DEMO_AGENT_MQTT_PASS"])
+    assert _login(shipped.port, "nas-01", "nas-S3cret")
+    assert not _login(shipped.port, "policy", values["COLLECTOR_MQTT_PASS"])
+
+
+def test_the_init_step_runs_again_with_changed_passwords(shipped):
+    values = filled_env_example()
+    assert run_init(shipped.config, shipped.users, values).returncode == 0
+    values["POLICY_MQTT_PASS"] = "rotated-S3cret"
+    values["BRIDGE_MQTT_PASS"] = ""  # optional: the bridge user is then not made
+    done = run_init(shipped.config, shipped.users, values)
+    assert done.returncode == 0, done.stderr
+    assert "BRIDGE_MQTT_PASS" in done.stderr
+    shipped.start()
+    assert _login(shipped.port, "policy", "rotated-S3cret")
+    assert not _login(shipped.port, "policy", "policy_mqtt_pass-S3cret")
+    assert not _login(shipped.port, "bridge", "bridge_mqtt_pass-S3cret")
+
+
+@pytest.mark.parametrize("missing", ["POLICY_MQTT_PASS", "COLLECTOR_MQTT_PASS"])
+def test_the_init_step_refuses_without_the_passwords_every_profile_needs(shipped, missing):
+    values = filled_env_example()
+    values[missing] = ""
+    done = run_init(shipped.config, shipped.users, values)
+    assert done.returncode != 0
+    assert missing in done.stderr and "scripts/stack-up" in done.stderr
+    assert not (shipped.users / "passwd").exists()
+
+
+def _session(port: int, user: str, password: str, client_id: str, received: list):
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=mqtt.MQTTv311, clean_session=False)
+    client.username_pw_set(user, password)
+    client.max_inflight_messages_set(100)
+    client.on_message = lambda _c, _u, m: received.append(m.payload)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    return client
+
+
+def _publish_all(port: int, password: str, count: int) -> None:
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="t-bridge",
+                            protocol=mqtt.MQTTv311)
+    publisher.username_pw_set("bridge", password)
+    publisher.max_inflight_messages_set(1000)
+    publisher.connect("127.0.0.1", port)
+    publisher.loop_start()
+    infos = [publisher.publish("bridge-ecoflow/SN1/data", str(i).encode(), qos=1)
+             for i in range(count)]
+    for info in infos:
+        info.wait_for_publish(30)
+    publisher.disconnect()
+    publisher.loop_stop()
+
+
+def _wait_for(received: list, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(set(received)) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("broker_restart", [None, "terminate", "kill"])
+def test_the_shipped_broker_keeps_every_reading_for_a_collector_that_is_away(
+        shipped, broker_restart):
+    """A persistent-session QoS 1 subscriber away while 5,000 readings arrive gets all 5,000
+    back, also across a broker restart and a broker killed after its autosave interval."""
+    values = filled_env_example()
+    assert run_init(shipped.config, shipped.users, values).returncode == 0
+    shipped.start()
+    count = 5000
+    received: list[bytes] = []
+    collector = _session(shipped.port, "collector", values["COLLECTOR_MQTT_PASS"],
+                         "t-collector", received)
+    collector.subscribe("bridge-ecoflow/+/data", qos=1)
+    time.sleep(0.5)
+    collector.disconnect()
+    collector.loop_stop()
+
+    _publish_all(shipped.port, values["BRIDGE_MQTT_PASS"], count)
+    if broker_restart:
+        autosave = int(re.search(r"^autosave_interval (\d+)$", CONF.read_text(), re.M)
+                       .group(1))
+        time.sleep(autosave + 1.5)
+        shipped.stop(kill=broker_restart == "kill")
+        shipped.start()
+
+    received.clear()
+    collector = _session(shipped.port, "collector", values["COLLECTOR_MQTT_PASS"],
+                         "t-collector", received)
+    try:
+        _wait_for(received, count)
+    finally:
+        collector.disconnect()
+        collector.loop_stop()
+    assert len(set(received)) == count
