@@ -30,6 +30,7 @@ class Pipeline:
         self.names: dict[str, str] = {}
         self.state_interval = state_interval
         self.state_out: StateOut | None = None
+        self._bugs_logged: set = set()  # decoder failures whose traceback was logged
         if publish_state:
             self.publish_states(publish_state)
 
@@ -59,8 +60,11 @@ class Pipeline:
         except DecodeError as exc:
             return self.dead_letter(source, topic, payload, str(exc), topic_sn or device_sn,
                                     on_commit)
+        except RecursionError:  # JSON nested deeper than Python's parser goes: the payload's fault
+            return self.dead_letter(source, topic, payload, "JSON nested too deeply to decode",
+                                    topic_sn or device_sn, on_commit)
         except Exception as exc:  # a decoder bug must not stop the collector or lose the bytes
-            log.exception("decoder failed on a payload from %s", topic or source)
+            self._decoder_bug(exc, topic or source)
             return self.dead_letter(source, topic, payload, f"decoder error: {exc!r}",
                                     topic_sn or device_sn, on_commit)
         if device_sn:
@@ -92,7 +96,7 @@ class Pipeline:
             if raw_json is None:
                 try:
                     raw_json = json.dumps(reading.raw, allow_nan=False, separators=(",", ":"))
-                except (TypeError, ValueError):
+                except (TypeError, ValueError, RecursionError):
                     raw_json = None
             if raw_json is None or "\\u0000" in raw_json:
                 # PostgreSQL's jsonb refuses NaN, Infinity and \u0000: such a row would fail
@@ -119,9 +123,25 @@ class Pipeline:
                 self.state_out.offer(row.device_sn, row)
         return len(rows)
 
+    def _decoder_bug(self, exc: Exception, where: str) -> None:
+        """Log a decoder failure with its traceback the first time it happens at a place in
+        the code, and in one line after that: a stream of such payloads must not flood the log."""
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        key = (type(exc), tb.tb_frame.f_code.co_filename if tb else None,
+               tb.tb_lineno if tb else None)
+        if key in self._bugs_logged or len(self._bugs_logged) >= 100:
+            log.error("decoder failed on a payload from %s: %r (traceback logged before)",
+                      where, exc)
+            return
+        self._bugs_logged.add(key)
+        log.error("decoder failed on a payload from %s", where, exc_info=exc)
+
     def dead_letter(self, source, topic, payload, reason, sn, on_commit) -> int:
-        log.warning("undecodable payload from %s (%d bytes): %s", topic or source, len(payload),
-                    reason)
+        shown = reason if len(reason) <= 300 else reason[:300] + "..."
+        log.warning("undecodable payload from %s (%d bytes): %r", topic or source, len(payload),
+                    shown)
         self.writer.add_error(IngestError(source, topic, bytes(payload), reason, sn), on_commit)
         if self.metrics:
             self.metrics.failed(source)

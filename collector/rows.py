@@ -63,6 +63,9 @@ class Row:
     # When the collector received it, by the collector's clock: what the policy measures a
     # station's age with (SAFETY S1), whatever the station's own clock says. None: at `ts`.
     received_at: datetime | None = None
+    # Earlier rows of the same device and time, with other payloads, that this row (the newest)
+    # was merged over inside one batch: their payloads go to `ecoflow_merged_payloads`.
+    merged: list[Row] | None = None
 
     def as_tuple(self) -> tuple:
         return (self.ts, self.device_sn, *map(self.values.get, VALUE_COLUMNS),

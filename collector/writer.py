@@ -1,10 +1,23 @@
-"""Batch writer: COPY into the hypertable, deduplicated on (device_sn, ts), acked after commit.
+"""Batch writer: COPY into the hypertable, one row per (device_sn, ts), acked after commit.
+
+The identity of a reading. `ecoflow_measurements` holds one row per device and time. A message
+with the same device and time as a stored one is either a redelivery (the same payload again:
+skipped) or a different message that shares the time (app pushes carry whole seconds): that
+one is merged into the row, its values winning (the row is the device's snapshot after both),
+its payload becoming `raw_data`, and the payload it replaced kept in `ecoflow_merged_payloads`.
+(A reading without a usable device time is stored at its receive time, so its redelivery is
+not recognised yet: see issue 15 item 8.)
 
 A batch is copied straight into `ecoflow_measurements`, inside a savepoint. When that meets a
-reading already stored (a message the broker delivered again after a restart), the batch goes
-through a staging table and `INSERT ... ON CONFLICT DO NOTHING` instead, and so do the batches
-of the next minute; then the direct path is tried again. Readings repeated inside one batch are
-dropped before either (the first wins, as ON CONFLICT DO NOTHING would keep it).
+reading already stored, the batch goes through a staging table and `INSERT ... ON CONFLICT DO
+UPDATE` (the merge above) instead, and so do the batches of the next minute; then the direct
+path is tried again. Readings sharing a device and time inside one batch are folded the same
+way before either.
+
+When to write: a reading that arrives after a quiet period (nothing queued for `QUIET_SEC`) is
+written at once, so the reading that decides a shutdown does not wait for a timer; readings
+that keep coming are batched, and a batch is written when it holds `batch_rows`, when its first
+reading has waited `flush_interval`, or when the readings stop coming for `QUIET_SEC`.
 
 Rows are acknowledged (their `on_commit` callbacks run) only after the transaction holding
 them has committed, which is what makes ingestion at-least-once end to end: the MQTT source
@@ -12,6 +25,14 @@ acks a message to the broker from that callback. While the database is unreachab
 keeps a bounded buffer and `add` blocks when it is full, so the broker holds the rest. A row
 the database refuses (a value out of a column's range, say) is found by halving the batch and
 goes to `ingest_errors` with its payload; the rest of the batch is stored.
+
+No payload can stop ingestion. An `ingest_errors` entry is stored in a form the database
+accepts: its text fields (topic, serial number, error) are cleaned of what no text column holds
+(NUL, lone surrogates: written as `\u0000`-style escapes), and the payload keeps its bytes in the
+`bytea` column. Only a failure of the connection (psycopg's OperationalError or InterfaceError,
+other than a program limit a single row hit) counts as an outage; any other database error is
+logged as what it is and retried with the same back-off, never mistaken for the database being
+away.
 """
 
 from __future__ import annotations
@@ -37,10 +58,36 @@ CREATE TEMP TABLE IF NOT EXISTS ecoflow_staging
 """
 _COPY_DIRECT = f"COPY ecoflow_measurements ({_COLUMNS}) FROM STDIN"
 _COPY_STAGING = f"COPY ecoflow_staging ({_COLUMNS}) FROM STDIN"
-_INSERT = (
-    f"INSERT INTO ecoflow_measurements ({_COLUMNS}) SELECT {_COLUMNS} FROM ecoflow_staging"
-    " ON CONFLICT (device_sn, ts) DO NOTHING"
+_SAME_PAYLOAD_KEPT = """EXISTS (SELECT 1 FROM ecoflow_merged_payloads p
+            WHERE p.device_sn = {new}.device_sn AND p.ts = {new}.ts AND p.raw_data = {new}.raw_data)"""
+# Staged rows: new ones inserted; one meeting a stored row with another payload is merged into
+# it (the stored payload moves to ecoflow_merged_payloads); the same payload again is skipped.
+# Returns (device_sn, ts, inserted) for each row stored or merged.
+_INSERT = f"""
+WITH old AS (
+    SELECT m.device_sn, m.ts, m.received_at, m.source, m.raw_data
+      FROM ecoflow_staging s
+      JOIN ecoflow_measurements m ON m.device_sn = s.device_sn AND m.ts = s.ts
+     WHERE m.raw_data <> s.raw_data AND NOT {_SAME_PAYLOAD_KEPT.format(new="s")}
+), kept AS (
+    INSERT INTO ecoflow_merged_payloads (device_sn, ts, received_at, source, raw_data)
+    SELECT * FROM old RETURNING device_sn, ts
+), stored AS (
+    INSERT INTO ecoflow_measurements AS m ({_COLUMNS})
+    SELECT {_COLUMNS} FROM ecoflow_staging
+    ON CONFLICT (device_sn, ts) DO UPDATE SET
+        {", ".join(f"{c} = EXCLUDED.{c}" for c in VALUE_COLUMNS)},
+        source = EXCLUDED.source, raw_data = EXCLUDED.raw_data,
+        received_at = greatest(m.received_at, EXCLUDED.received_at)
+    WHERE m.raw_data <> EXCLUDED.raw_data AND NOT {_SAME_PAYLOAD_KEPT.format(new="EXCLUDED")}
+    RETURNING device_sn, ts
 )
+SELECT device_sn, ts, NOT EXISTS (SELECT 1 FROM kept k
+                                   WHERE k.device_sn = stored.device_sn AND k.ts = stored.ts)
+  FROM stored
+"""
+_INSERT_MERGED = ("INSERT INTO ecoflow_merged_payloads (device_sn, ts, received_at, source,"
+                  " raw_data) VALUES (%s, %s, %s, %s, %s)")
 _CLEAR_STAGING = "DELETE FROM ecoflow_staging"
 _DEVICES = """
 INSERT INTO devices AS d (device_sn, model, first_seen, last_seen)
@@ -53,11 +100,18 @@ ON CONFLICT (device_sn) DO UPDATE SET
 """
 _LATEST = f"SELECT device_sn, {', '.join(VALUE_COLUMNS)} FROM ecoflow_latest"
 
+# A reading after this long without any is written at once; a burst is written once it pauses
+# this long (or fills a batch, or its first reading has waited the flush interval).
+QUIET_SEC = 0.1
 # After a batch met readings already stored, batches take the staging path for this long.
 STAGED_AFTER_CONFLICT_SEC = 60.0
-# What the database says about a row's own content (SQLSTATE classes 22 and 23), as opposed to
-# the connection or the server: such a row is set aside, never retried.
-_ROW_ERRORS = (pg_errors.DataError, pg_errors.IntegrityError)
+# What the database says about a row's own content (SQLSTATE classes 22 and 23, and 54: a
+# value too large or too deep), as opposed to the connection or the server, and text the driver
+# cannot encode: such a row is set aside, never retried.
+_ROW_ERRORS = (pg_errors.DataError, pg_errors.IntegrityError, pg_errors.ProgramLimitExceeded,
+               UnicodeEncodeError)
+_INSERT_ERRORS = ("INSERT INTO ingest_errors (source, topic, device_sn, payload, error)"
+                  " VALUES (%s, %s, %s, %s, %s)")
 
 
 @dataclass
@@ -83,10 +137,13 @@ class Writer:
         self.retry_max_sec = retry_max_sec
         self.snapshots = SnapshotMerger()
         self.rows_written = 0
-        self.rows_duplicate = 0
+        self.rows_duplicate = 0  # redeliveries skipped
+        self.rows_merged = 0  # other messages with a stored reading's device and time, merged
         self.rows_rejected = 0
         self.errors_written = 0
         self.direct_conflicts = 0  # batches that met stored readings on the direct path
+        self.batches_written = 0  # committed transactions that stored readings or dead letters
+        self.quiet = min(QUIET_SEC, flush_interval)
         self._staged_until = 0.0  # monotonic time; before it, batches take the staging path
         self._rows: list[Row] = []
         self._errors: list[IngestError] = []
@@ -97,6 +154,9 @@ class Writer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seeded = False
+        self._first_at = 0.0  # monotonic time the oldest queued item arrived
+        self._last_add = float("-inf")  # monotonic time the last item arrived
+        self._now = False  # write what is queued without waiting (after quiet, or a retry)
 
     # -- producers --------------------------------------------------------------------------
     def add(self, row: Row, on_commit: Callback | None = None) -> None:
@@ -112,17 +172,40 @@ class Writer:
             merge = self.snapshots.merge
             for row in rows:
                 row.values = merge(row.device_sn, row.values)
+            self._arrived()
             self._rows += rows
             if on_commit:
                 self._callbacks.append(on_commit)
-            if len(self._rows) >= self.batch_rows:
+            if len(self._rows) >= self.batch_rows or self._now:
                 self._lock.notify_all()
 
     def add_error(self, error: IngestError, on_commit: Callback | None = None) -> None:
         with self._lock:
+            self._arrived()
             self._errors.append(error)
             if on_commit:
                 self._callbacks.append(on_commit)
+            if self._now:
+                self._lock.notify_all()
+
+    def _arrived(self) -> None:
+        """Note an arrival (under the lock, before queueing it): the first after a quiet period
+        is to be written at once."""
+        now = time.monotonic()
+        if not (self._rows or self._errors or self._callbacks):
+            self._first_at = now
+            if now - self._last_add >= self.quiet:
+                self._now = True
+        self._last_add = now
+
+    def _due_in(self) -> float | None:
+        """Seconds until what is queued is to be written (0: now); None when nothing is."""
+        if not (self._rows or self._errors or self._callbacks):
+            return None
+        if self._now or len(self._rows) >= self.batch_rows:
+            return 0.0
+        due = min(self._first_at + self.flush_interval, self._last_add + self.quiet)
+        return max(0.0, due - time.monotonic())
 
     def after_acks(self, hook: Callback) -> None:
         """Run `hook` once after the callbacks of each committed batch have run: a source that
@@ -153,6 +236,7 @@ class Writer:
         with self._lock:
             rows, errors, callbacks = self._rows, self._errors, self._callbacks
             self._rows, self._errors, self._callbacks = [], [], []
+            self._now = False
         if not rows and not errors:
             self._acknowledge(callbacks)
             return 0
@@ -160,14 +244,16 @@ class Writer:
         try:
             self._write(rows, errors)
         except Exception:
-            with self._lock:  # put them back in front, in order
+            with self._lock:  # put them back in front, in order; retried after the back-off
                 self._rows[:0], self._errors[:0], self._callbacks[:0] = rows, errors, callbacks
+                self._now = True
             if self._conn is not None:
                 try:
                     self._conn.close()
                 finally:
                     self._conn = None
             raise
+        self.batches_written += 1
         if self.metrics:
             self.metrics.batch_seconds.observe(time.monotonic() - started)
         with self._lock:
@@ -191,24 +277,23 @@ class Writer:
     def _write(self, rows: list[Row], errors: list[IngestError]) -> None:
         conn = self._connect()
         with conn.transaction(), conn.cursor() as cur:
-            inserted, refused = 0, []
+            refused: list = []
+            stored: dict = {}  # (device_sn, ts) -> True: inserted, False: merged into a stored row
             if rows:
-                unique = _first_of_each(rows)
-                inserted = self._insert(cur, unique, refused)
-                if refused:
-                    gone = {id(r) for r, _ in refused}
-                    unique = [r for r in unique if id(r) not in gone]
+                unique = _fold(rows)
+                if unique:
+                    self._insert(cur, unique, refused, stored)
+                unique = [r for r in unique if (r.device_sn, r.ts) in stored]
+                _keep_merged(cur, unique, refused)
                 _upsert_devices(cur, unique)
             rejected = [_refused_row(row, exc) for row, exc in refused]
             if errors or rejected:
-                cur.executemany(
-                    "INSERT INTO ingest_errors (source, topic, device_sn, payload, error)"
-                    " VALUES (%s, %s, %s, %s, %s)",
-                    [(e.source, e.topic, e.device_sn, e.payload, e.error)
-                     for e in errors + rejected],
-                )
+                _insert_errors(cur, errors + rejected)
+        inserted = sum(stored.values())
+        refused_readings = sum(1 for r, _ in refused if r.merged is not _EARLIER)
         self.rows_written += inserted
-        self.rows_duplicate += len(rows) - inserted - len(refused)
+        self.rows_merged += len(stored) - inserted + _folded(rows)
+        self.rows_duplicate += len(rows) - len(stored) - refused_readings - _folded(rows)
         self.rows_rejected += len(refused)
         self.errors_written += len(errors) + len(rejected)
         if self.metrics:
@@ -216,47 +301,49 @@ class Writer:
             if refused:
                 self.metrics.rows_rejected.inc(len(refused))
         for row, exc in refused:
-            log.warning("the database refused a reading of %s at %s (%s); kept in ingest_errors",
+            log.warning("the database refused a reading of %r at %s (%s); kept in ingest_errors",
                         row.device_sn, row.ts.isoformat(), _reason(exc))
 
-    def _insert(self, cur: psycopg.Cursor, rows: list[Row], refused: list) -> int:
-        """Store `rows` (no two with the same device and time); returns how many were new.
-        Rows the database refuses are appended to `refused` with the error."""
+    def _insert(self, cur: psycopg.Cursor, rows: list[Row], refused: list,
+                stored: dict) -> None:
+        """Store `rows` (no two with the same device and time), noting each in `stored`
+        (True: new, False: merged into a stored row); redeliveries are left out. Rows the
+        database refuses are appended to `refused` with the error."""
         if time.monotonic() >= self._staged_until:
             try:
                 with cur.connection.transaction():
                     _copy(cur, _COPY_DIRECT, rows)
-                return len(rows)
+                stored.update(((r.device_sn, r.ts), True) for r in rows)
+                return
             except pg_errors.UniqueViolation:
                 self.direct_conflicts += 1
                 self._staged_until = time.monotonic() + STAGED_AFTER_CONFLICT_SEC
             except _ROW_ERRORS:
-                return self._isolate(cur, rows, refused)
+                return self._isolate(cur, rows, refused, stored)
         try:
             with cur.connection.transaction():
-                return _staged(cur, rows)
+                _staged(cur, rows, stored)
         except _ROW_ERRORS:
-            return self._isolate(cur, rows, refused)
+            self._isolate(cur, rows, refused, stored)
 
-    def _isolate(self, cur: psycopg.Cursor, rows: list[Row], refused: list) -> int:
+    def _isolate(self, cur: psycopg.Cursor, rows: list[Row], refused: list,
+                 stored: dict) -> None:
         """The database refused something in `rows`: store each half on its own, halving
         again where a half is refused, down to the single rows it refuses."""
         if len(rows) == 1:
             try:
                 with cur.connection.transaction():
-                    return _staged(cur, rows)
+                    _staged(cur, rows, stored)
             except _ROW_ERRORS as exc:
                 refused.append((rows[0], exc))
-                return 0
+            return
         mid = len(rows) // 2
-        inserted = 0
         for half in (rows[:mid], rows[mid:]):
             try:
                 with cur.connection.transaction():
-                    inserted += _staged(cur, half)
+                    _staged(cur, half, stored)
             except _ROW_ERRORS:
-                inserted += self._isolate(cur, half, refused)
-        return inserted
+                self._isolate(cur, half, refused, stored)
 
     # -- background loop --------------------------------------------------------------------
     def start(self) -> None:
@@ -271,18 +358,31 @@ class Writer:
         backoff = 0.5
         while not self._stop.is_set():
             with self._lock:
-                self._lock.wait_for(
-                    lambda: len(self._rows) >= self.batch_rows or self._stop.is_set(),
-                    timeout=self.flush_interval,
-                )
+                due = self._due_in()
+                if due != 0.0:
+                    self._lock.wait(self.flush_interval if due is None
+                                    else min(due, self.flush_interval))
+                    due = self._due_in()
+            if self._stop.is_set():
+                break  # stop() writes what is left
             try:
                 if not self._seeded:
                     self.seed_snapshots()
-                self.flush()
+                if due == 0.0:
+                    self.flush()
                 backoff = 0.5
-            except psycopg.Error as exc:
-                log.warning("database unavailable (%s); %d reading(s) buffered, retrying in %.1f s",
-                            type(exc).__name__, self.pending, backoff)
+            except Exception as exc:  # noqa: BLE001 - the writer thread must never die
+                if is_outage(exc):
+                    log.warning("database unavailable (%s); %d reading(s) buffered, retrying in"
+                                " %.1f s", type(exc).__name__, self.pending, backoff)
+                elif isinstance(exc, psycopg.Error):
+                    log.error("the database refused a batch (%s), not an outage; %d reading(s)"
+                              " buffered, retrying in %.1f s", _reason(exc), self.pending,
+                              backoff)
+                else:
+                    log.error("writing a batch failed (%r); %d reading(s) buffered, retrying in"
+                              " %.1f s", exc, self.pending, backoff,
+                              exc_info=backoff == 0.5)  # the traceback once, not every retry
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, self.retry_max_sec)
 
@@ -299,7 +399,7 @@ class Writer:
         if self._thread:
             self._thread.join(timeout)
         deadline = time.monotonic() + timeout
-        while (self._rows or self._errors) and time.monotonic() < deadline:
+        while (self._rows or self._errors or self._callbacks) and time.monotonic() < deadline:
             try:
                 self.flush()
             except psycopg.Error:
@@ -319,25 +419,69 @@ def _copy(cur: psycopg.Cursor, statement: str, rows: list[Row]) -> None:
                    row.received_at))
 
 
-def _staged(cur: psycopg.Cursor, rows: list[Row]) -> int:
-    """Through the staging table, skipping readings already stored; returns rows inserted."""
+def _staged(cur: psycopg.Cursor, rows: list[Row], stored: dict) -> None:
+    """Through the staging table: merged into stored readings, redeliveries skipped."""
     _copy(cur, _COPY_STAGING, rows)
     cur.execute(_INSERT)
-    inserted = cur.rowcount
+    result = cur.fetchall()
     cur.execute(_CLEAR_STAGING)  # the next staged insert of this transaction starts empty
-    return inserted
+    stored.update(((sn, ts), inserted) for sn, ts, inserted in result)
 
 
-def _first_of_each(rows: list[Row]) -> list[Row]:
-    """The rows without repeats of a (device, time) pair; the first of each is kept."""
-    seen: set = set()
-    unique = []
+# Marks the rows `_keep_merged` stores in ecoflow_merged_payloads, should one be refused.
+_EARLIER: list = []
+
+
+def _fold(rows: list[Row]) -> list[Row]:
+    """One row per device and time: a repeat of a payload already in the batch is dropped; a
+    different payload with the same device and time is merged (the later row, whose values are
+    the snapshot after both, is kept in place of the earlier and carries it in `merged`)."""
+    kept: dict = {}
+    for row in rows:
+        row.merged = None  # (a retried batch is folded again from scratch)
     for row in rows:
         key = (row.device_sn, row.ts)
-        if key not in seen:
-            seen.add(key)
-            unique.append(row)
-    return unique
+        first = kept.get(key)
+        if first is None:
+            kept[key] = row
+            continue
+        earlier = [first, *(first.merged or ())]
+        if any(e.raw_data == row.raw_data for e in earlier):
+            continue  # the same payload again
+        row.merged = earlier
+        first.merged = None
+        kept[key] = row
+    return list(kept.values())
+
+
+def _folded(rows: list[Row]) -> int:
+    """How many rows of the batch were merged into a later one inside it."""
+    return sum(len(r.merged) for r in rows if r.merged and r.merged is not _EARLIER)
+
+
+def _keep_merged(cur: psycopg.Cursor, rows: list[Row], refused: list) -> None:
+    """Store in ecoflow_merged_payloads the payloads rows were merged over inside the batch."""
+    earlier = [(row, e) for row in rows if row.merged for e in row.merged]
+    if not earlier:
+        return
+
+    def params(row: Row, e: Row) -> tuple:
+        return (row.device_sn, row.ts, e.received_at, e.source,
+                e.raw_json if e.raw_json is not None else Jsonb(e.raw_data))
+
+    try:
+        with cur.connection.transaction():
+            cur.executemany(_INSERT_MERGED, [params(r, e) for r, e in earlier])
+        return
+    except _ROW_ERRORS:
+        pass
+    for row, e in earlier:
+        try:
+            with cur.connection.transaction():
+                cur.execute(_INSERT_MERGED, params(row, e))
+        except _ROW_ERRORS as exc:
+            e.merged = _EARLIER  # counted once already, as merged
+            refused.append((e, exc))
 
 
 def _upsert_devices(cur: psycopg.Cursor, rows: list[Row]) -> None:
@@ -345,10 +489,10 @@ def _upsert_devices(cur: psycopg.Cursor, rows: list[Row]) -> None:
     for row in rows:
         d = devices.get(row.device_sn)
         if d is None:
-            devices[row.device_sn] = [row.model, row.ts, row.ts]
+            devices[row.device_sn] = [storable_text(row.model), row.ts, row.ts]
             continue
         if row.model:
-            d[0] = row.model
+            d[0] = storable_text(row.model)
         if row.ts < d[1]:
             d[1] = row.ts
         elif row.ts > d[2]:
@@ -359,13 +503,60 @@ def _upsert_devices(cur: psycopg.Cursor, rows: list[Row]) -> None:
                                [d[2] for d in devices.values()]))
 
 
-def _reason(exc: psycopg.Error) -> str:
-    return f"{exc.sqlstate}: {exc.diag.message_primary or type(exc).__name__}"
+def is_outage(exc: BaseException) -> bool:
+    """Whether `exc` says the database cannot be reached (connection lost or refused, server
+    shutting down), as opposed to refusing what was sent: only then is it an outage."""
+    return (isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+            and not isinstance(exc, pg_errors.ProgramLimitExceeded))
 
 
-def _refused_row(row: Row, exc: psycopg.Error) -> IngestError:
+def storable_text(text: str | None) -> str | None:
+    """`text` as a PostgreSQL text column accepts it: NUL and lone surrogates, which no text
+    column holds, written as escapes (`\\u0000`, `\\ud800`); anything else unchanged."""
+    if text is None:
+        return None
+    if "\x00" in text:
+        text = text.replace("\x00", "\\u0000")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def _insert_errors(cur: psycopg.Cursor, errors: list[IngestError]) -> None:
+    """Store dead letters; one the database still refuses is stored with only its bytes and
+    the reason, so a dead letter can never fail the batch carrying it."""
+    params = [(storable_text(e.source), storable_text(e.topic), storable_text(e.device_sn),
+               bytes(e.payload), storable_text(e.error)) for e in errors]
+    try:
+        with cur.connection.transaction():
+            cur.executemany(_INSERT_ERRORS, params)
+        return
+    except _ROW_ERRORS:
+        pass
+    for source, topic, sn, payload, error in params:
+        try:
+            with cur.connection.transaction():
+                cur.execute(_INSERT_ERRORS, (source, topic, sn, payload, error))
+        except _ROW_ERRORS as exc:
+            cur.execute(_INSERT_ERRORS, (
+                source or "unknown", None, None, payload,
+                f"the database refused this dead letter ({_reason(exc)}); first, it was: "
+                + repr(error)[:2000]))
+
+
+def _reason(exc: BaseException) -> str:
+    if not isinstance(exc, psycopg.Error):
+        return f"{type(exc).__name__}: {exc}"
+    message = exc.diag.message_primary if exc.sqlstate else str(exc)
+    return f"{exc.sqlstate or 'client'}: {message or type(exc).__name__}"
+
+
+def _refused_row(row: Row, exc: BaseException) -> IngestError:
     payload = row.payload
     if payload is None:
-        payload = (row.raw_json if row.raw_json is not None else repr(row.raw_data)).encode()
+        payload = (row.raw_json if row.raw_json is not None else repr(row.raw_data)).encode(
+            "utf-8", "backslashreplace")
     return IngestError(row.source, row.topic, bytes(payload),
                        f"the database refused the reading: {_reason(exc)}", row.device_sn)

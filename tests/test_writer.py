@@ -90,14 +90,29 @@ def test_after_a_redelivery_batches_go_through_staging_then_direct_again(db_url,
     w.stop()
 
 
-def test_a_reading_repeated_inside_one_batch_is_stored_once_first_wins(db_url, db):
+def test_a_reading_repeated_inside_one_batch_is_stored_once(db_url, db):
     w = Writer(db_url)
-    first, again = row(0, soc_percent=40), row(0, soc_percent=41)
-    w.add_rows([first, again, row(1, soc_percent=42)])
+    w.add_rows([row(0, soc_percent=40), row(0, soc_percent=40), row(1, soc_percent=42)])
     w.flush()
     assert (w.rows_written, w.rows_duplicate, w.direct_conflicts) == (2, 1, 0)
     assert db.execute("SELECT array_agg(raw_data->>'soc_percent' ORDER BY ts)"
                       " FROM ecoflow_measurements").fetchone() == (["40", "42"],)
+    assert db.execute("SELECT count(*) FROM ecoflow_merged_payloads").fetchone() == (0,)
+    w.stop()
+
+
+def test_distinct_messages_with_the_same_time_in_one_batch_are_merged_newest_wins(db_url, db):
+    # Not a redelivery: a different message that happens to carry the same timestamp.
+    w = Writer(db_url)
+    w.add_rows([row(0, soc_percent=40, grid_connected=True), row(0, grid_connected=False),
+                row(1, soc_percent=42)])
+    w.flush()
+    assert db.execute("SELECT soc_percent, grid_connected, raw_data FROM ecoflow_measurements"
+                      " ORDER BY ts").fetchall() == [
+        (40, False, {"i": 0, "grid_connected": False}), (42, False, {"i": 1, "soc_percent": 42})]
+    assert db.execute("SELECT device_sn, ts, raw_data FROM ecoflow_merged_payloads").fetchall() == [
+        ("SN1", T0, {"i": 0, "soc_percent": 40, "grid_connected": True})]
+    assert (w.rows_written, w.rows_merged, w.rows_duplicate) == (2, 1, 0)
     w.stop()
 
 
@@ -242,3 +257,158 @@ def _wait(cond, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail("condition not met in time")
         time.sleep(0.05)
+
+
+def test_a_dead_letter_the_database_would_refuse_is_stored_cleaned_and_never_wedges(db_url, db):
+    # '{"code":1,"message":"\u0000"}' decodes to an error text holding a NUL byte, which no
+    # PostgreSQL text column accepts; a lone surrogate cannot even be encoded. Before, such a
+    # dead letter failed its batch on every retry and nothing behind it was stored or acked.
+    w = Writer(db_url)
+    acks = []
+    w.add_error(IngestError("bridge", "bridge-ecoflow/SN1/data", b'{"code":1,"message":"\\u0000"}',
+                            "EcoFlow answered with error code 1: \x00", "SN\x001"),
+                on_commit=lambda: acks.append("nul"))
+    w.add_error(IngestError("bridge", "bridge-ecoflow/SN1/data", b"\xed\xa0\x80",
+                            "bad text \ud800 here"), on_commit=lambda: acks.append("surrogate"))
+    w.add(row(0, soc_percent=50), on_commit=lambda: acks.append("reading"))
+    w.flush()
+    assert acks == ["nul", "surrogate", "reading"]
+    assert db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (1,)
+    got = db.execute("SELECT device_sn, payload, error FROM ingest_errors ORDER BY id").fetchall()
+    assert [(sn, bytes(p), e) for sn, p, e in got] == [
+        ("SN\\u00001", b'{"code":1,"message":"\\u0000"}',
+         "EcoFlow answered with error code 1: \\u0000"),
+        (None, b"\xed\xa0\x80", "bad text \\ud800 here"),
+    ]
+    assert w.errors_written == 2
+    w.stop()
+
+
+def test_a_reading_with_text_the_driver_cannot_encode_is_isolated(db_url, db):
+    # A lone surrogate in a serial number fails in the driver (UnicodeEncodeError), not in the
+    # server: it is still the row's own content, set aside like a refused row.
+    w = Writer(db_url)
+    bad = row(1, sn="SN\ud8001", soc_percent=1)
+    bad.payload = b'{"sn": "SN\\ud8001"}'
+    w.add_rows([row(0, soc_percent=10), bad, row(2, soc_percent=12)])
+    w.flush()
+    assert db.execute("SELECT array_agg(soc_percent ORDER BY ts) FROM ecoflow_measurements"
+                      ).fetchone() == ([10, 12],)
+    [(sn, payload, error)] = db.execute(
+        "SELECT device_sn, payload, error FROM ingest_errors").fetchall()
+    assert (sn, bytes(payload)) == ("SN\\ud8001", bad.payload)
+    assert error.startswith("the database refused the reading")
+    w.stop()
+
+
+def test_only_connection_failures_count_as_an_outage(db_url, db, caplog):
+    # A database error about what we sent (here: the schema lacks a table) is not an outage:
+    # the log says what the database said, not "database unavailable".
+    w = Writer(db_url, flush_interval=0.1, retry_max_sec=0.2)
+    db.execute("ALTER TABLE ingest_errors RENAME TO ingest_errors_away")
+    w.start()
+    w.add_error(IngestError("bridge", "t", b"x", "undecodable"))
+    _wait(lambda: any("ingest_errors" in r.getMessage() for r in caplog.records))
+    assert not any("database unavailable" in r.getMessage() for r in caplog.records)
+    db.execute("ALTER TABLE ingest_errors_away RENAME TO ingest_errors")
+    _wait(lambda: db.execute("SELECT count(*) FROM ingest_errors").fetchone() == (1,))
+    w.stop()
+
+
+def test_a_reading_after_a_quiet_period_is_written_without_waiting_for_the_timer(db_url, db):
+    # The flush interval is 5 s: a lone reading stored well within a second was written
+    # because it came after quiet, not because a timer fired. (Before, it waited the 5 s.)
+    w = Writer(db_url, flush_interval=5.0)
+    w.start()
+    try:
+        time.sleep(0.3)  # quiet
+        started = time.monotonic()
+        w.add(row(0, soc_percent=12))
+        _wait(lambda: db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (1,),
+              timeout=4.0)
+        assert time.monotonic() - started < 1.5
+        time.sleep(0.3)  # quiet again: the next lone reading goes at once too
+        started = time.monotonic()
+        w.add_error(IngestError("bridge", "t", b"junk", "not JSON"))
+        _wait(lambda: db.execute("SELECT count(*) FROM ingest_errors").fetchone() == (1,),
+              timeout=4.0)
+        assert time.monotonic() - started < 1.5
+    finally:
+        w.stop()
+
+
+def test_a_burst_is_still_written_in_few_batches(db_url, db):
+    w = Writer(db_url, flush_interval=5.0, batch_rows=1000)
+    w.start()
+    try:
+        time.sleep(0.3)
+        for i in range(2500):
+            w.add(row(i, soc_percent=i % 100))
+        _wait(lambda: w.rows_written == 2500, timeout=15)
+        # The first reading goes at once; the rest fill batches of 1000 or wait for the burst
+        # to end: a handful of commits, not one per reading.
+        assert w.batches_written <= 6
+    finally:
+        w.stop()
+    assert db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (2500,)
+
+
+def _fixture(name: str) -> dict:
+    import json
+    from pathlib import Path
+
+    return json.loads((Path("/work/shared/fixtures") / name).read_text())
+
+
+def test_two_app_pushes_in_the_same_second_both_count(db_url, db):
+    """App pushes carry whole seconds: the grid-lost push in the same second as a BMS push used
+    to be dropped as a duplicate of (device_sn, ts), its payload gone. Both now count, in one
+    batch or in two, and a redelivery of either changes nothing."""
+    import json
+
+    from collector.pipeline import Pipeline
+
+    fx = _fixture("river2pro_app_mqtt_2.json")
+    bms = json.dumps(fx["payload"]).encode()
+    grid_lost = json.dumps(dict(fx["payload"], id=fx["payload"]["id"] + 1,
+                                params={"inv.acInVol": 0, "inv.inputWatts": 0})).encode()
+    w = Writer(db_url)
+    pipeline = Pipeline(w)
+    pipeline.handle(bms, fx["topic"], "app_mqtt")
+    w.flush()
+    pipeline.handle(grid_lost, fx["topic"], "app_mqtt")
+    w.flush()
+    got = db.execute("SELECT ts, soc_percent, grid_connected, raw_data->'params'"
+                     " FROM ecoflow_measurements").fetchall()
+    assert got == [(datetime(2024, 1, 3, 10, 43, 15, tzinfo=timezone.utc), 100, False,
+                     {"inv.acInVol": 0, "inv.inputWatts": 0})]
+    [(merged,)] = db.execute("SELECT raw_data FROM ecoflow_merged_payloads").fetchall()
+    assert merged == json.loads(bms)
+    assert (w.rows_written, w.rows_merged, w.rows_duplicate) == (1, 1, 0)
+    for payload in (bms, grid_lost, bms):  # redeliveries, after a restart say
+        pipeline.handle(payload, fx["topic"], "app_mqtt")
+        w.flush()
+    assert (w.rows_written, w.rows_merged, w.rows_duplicate) == (1, 1, 3)
+    assert db.execute("SELECT count(*) FROM ecoflow_merged_payloads").fetchone() == (1,)
+    assert db.execute("SELECT grid_connected FROM ecoflow_measurements").fetchone() == (False,)
+    w.stop()
+
+
+def test_identical_polls_are_new_readings(db_url, db):
+    """A REST poll that reads the same values as the last one is a new observation of the
+    station (its freshness depends on it), never a redelivery."""
+    import json
+
+    from collector.pipeline import Pipeline
+
+    fx = _fixture("deltapro3_rest_quota_all_1.json")
+    raw = json.dumps({"code": "0", "message": "Success",
+                      "data": fx["payload"]["quota_all"]}).encode()
+    w = Writer(db_url)
+    pipeline = Pipeline(w)
+    for i in range(3):
+        assert pipeline.handle(raw, "rest:api/device/quota/all?sn=MR51ZAS2PG330026", "rest",
+                               received_at=T0 + i * S, device_sn="MR51ZAS2PG330026") == 1
+        w.flush()
+    assert db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (3,)
+    w.stop()
