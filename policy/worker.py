@@ -608,9 +608,10 @@ def serve(db_url: str, settings: PolicySettings, link: MqttLink, notifier=None,
                     psycopg.connect(db_url, autocommit=True) as listener:
                 listener.execute(f"LISTEN {READINGS_CHANNEL}")
                 worker = Worker(conn, settings, link, notifier)
+                senders: dict[int, bool] = {}
                 while not stop.is_set():
                     worker.step()
-                    _wait_for_readings(listener, settings.interval_sec, stop)
+                    _wait_for_readings(listener, settings.interval_sec, stop, senders)
         except psycopg.OperationalError as exc:
             log.error("database unavailable (%s); retrying in %.0f s", exc,
                       settings.interval_sec)
@@ -663,10 +664,22 @@ def enforce_retention_now(db_url: str, days: int) -> str:
         engine.dispose()
 
 
+# Whether the session that sent a notification may write readings.
+SENDER_MAY_WRITE = """
+SELECT has_table_privilege(a.usesysid, 'ecoflow_measurements', 'INSERT')
+  FROM pg_stat_activity a WHERE a.pid = %s
+"""
+
+
 def _wait_for_readings(listener: psycopg.Connection, interval: float,
-                       stop: threading.Event) -> None:
+                       stop: threading.Event, senders: dict[int, bool] | None = None) -> None:
     """Return on the first notification of new readings, after `interval`, or on stop; waits
-    in short slices so a stop request is seen within a second."""
+    in short slices so a stop request is seen within a second.
+
+    PostgreSQL lets any role NOTIFY any channel, so only a session that may write readings
+    wakes the worker (`senders` caches the answer per backend): a read-only client sending
+    NOTIFY ecoflow_readings in a loop must not drive evaluations as fast as it can send."""
+    senders = {} if senders is None else senders
     deadline = time.monotonic() + interval
     while not stop.is_set():
         left = deadline - time.monotonic()
@@ -674,8 +687,19 @@ def _wait_for_readings(listener: psycopg.Connection, interval: float,
             return
         # The rest of a burst of notifications is read on the next wait and ends it at once,
         # which costs one extra evaluation, never a missed one.
-        if any(True for _ in listener.notifies(timeout=min(left, 1.0), stop_after=1)):
+        # The generator holds the connection: take the sender out of it before asking.
+        pids = [note.pid for note in listener.notifies(timeout=min(left, 1.0), stop_after=1)]
+        if any(_from_a_writer(listener, pid, senders) for pid in pids):
             return
+
+
+def _from_a_writer(listener: psycopg.Connection, pid: int, senders: dict[int, bool]) -> bool:
+    if pid not in senders:
+        if len(senders) > 1000:  # backends come and go; their pids are reused
+            senders.clear()
+        row = listener.execute(SENDER_MAY_WRITE, (pid,)).fetchone()
+        senders[pid] = bool(row and row[0])
+    return senders[pid]
 
 
 def rows_as_dicts(conn: psycopg.Connection, query: str, params=None) -> list[dict]:

@@ -79,3 +79,28 @@ def test_the_owner_keeps_its_temporary_tables(pg_server, db_url, db):
     assert db.execute(
         "SELECT has_database_privilege(current_user, current_database(), 'TEMP')"
     ).fetchone() == (True,)
+
+
+def test_reader_notifying_the_readings_channel_does_not_wake_the_policy(reader, db, db_url):
+    """PostgreSQL has no privilege for NOTIFY: a client with the read-only role sending
+    NOTIFY ecoflow_readings in a loop drove the policy worker from 0.2 % to 39 % of a core.
+    Only a session that may write readings wakes it; the reader's wait runs to its interval."""
+    import threading
+    import time
+
+    from policy.worker import READINGS_CHANNEL, _wait_for_readings
+
+    stop = threading.Event()
+    with psycopg.connect(db_url, autocommit=True) as listener:
+        listener.execute(f"LISTEN {READINGS_CHANNEL}")
+        for _ in range(20):
+            reader.execute(f"NOTIFY {READINGS_CHANNEL}")
+        started = time.monotonic()
+        _wait_for_readings(listener, 1.5, stop)
+        assert time.monotonic() - started >= 1.4, "woken by the read-only role"
+        # A reading written by the writing role wakes it at once (the insert trigger notifies).
+        db.execute("INSERT INTO ecoflow_measurements (ts, device_sn, soc_percent, source,"
+                   " raw_data) VALUES (now(), 'SN2', 40, 'rest', '{}')")
+        started = time.monotonic()
+        _wait_for_readings(listener, 5, stop)
+        assert time.monotonic() - started < 1.0
