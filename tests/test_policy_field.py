@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import itertools
 import json
-import threading
 import time
 import uuid
+from collections import Counter
 from datetime import timedelta
 
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from policy.commands import Command
 from policy.mqttlink import Incoming
 from testbed.mosquitto import MosquittoServer
+from tests.test_policy_incidents import Downlink
 from tests.test_policy_scenarios import (
     LONG_TTL,
     SN,
@@ -278,36 +276,6 @@ def test_a_genuine_rejection_is_not_repeated(db, make_policy, agents):
 
 
 # -- 9. a broker down at the moment of decision -----------------------------------------------
-class PersistentAgent:
-    """The agent's side as D4 has it: a fixed client id and a persistent session, subscribed
-    once, so whatever the broker queued for it while it was away is delivered on return."""
-
-    def __init__(self, broker, agent: str):
-        self.ids: list[str] = []
-        self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"agent-{agent}",
-                                  protocol=mqtt.MQTTv5)
-        self.client.reconnect_delay_set(1, 1)
-        ready = threading.Event()
-        self.client.on_connect = lambda c, *a: (c.subscribe(f"power-manager/{agent}/cmd", qos=1),
-                                                ready.set())
-        self.client.on_message = self._on_message
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
-        self.client.connect(broker.host, broker.port, clean_start=False, properties=props)
-        self.client.loop_start()
-        assert ready.wait(5)
-        time.sleep(0.1)
-
-    def _on_message(self, client, userdata, msg):
-        with self.lock:
-            self.ids.append(json.loads(msg.payload)["id"])
-
-    def close(self):
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def test_broker_down_at_the_decision_sends_the_command_once_when_it_returns(db, make_policy):
     """With the broker gone for 10 s, the worker used to hand the same command to its MQTT
     client on every evaluation; the client queued each copy and the agent received them all on
@@ -317,7 +285,9 @@ def test_broker_down_at_the_decision_sends_the_command_once_when_it_returns(db, 
     agent = agent_name()
     host = None
     try:
-        host = PersistentAgent(broker, agent)
+        # The agent's side as D4 has it: a persistent session, so what the broker queued for it
+        # while it was away is delivered on return.
+        host = Downlink(broker)
         insert(db, SN, series(0, 50, 10, 14, True) + series(60, 600, 10, 14, False))
         policy = make_policy({SN: [agent]}, mqtt_host=broker.host, mqtt_port=broker.port,
                              resend_sec=3600, command_ttl_sec=LONG_TTL)
@@ -338,9 +308,8 @@ def test_broker_down_at_the_decision_sends_the_command_once_when_it_returns(db, 
             time.sleep(0.05)
         assert time.monotonic() - returned < 3, "reconnect within a few seconds of the return"
         policy.run_until(310)
-        time.sleep(2)
-        with host.lock:
-            assert host.ids == [str(cmd_id)]
+        host.settle(quiet=1.5)
+        assert host.command_copies() == Counter({str(cmd_id): 1})
     finally:
         if host is not None:
             host.close()

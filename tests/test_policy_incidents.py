@@ -74,6 +74,7 @@ class Downlink:
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=f"downlink-{uuid.uuid4().hex[:8]}",
                                   protocol=mqtt.MQTTv5)
+        self.client.reconnect_delay_set(1, 1)  # back as soon as the broker is
         ready = threading.Event()
         self.client.on_connect = lambda c, *a: (c.subscribe("#", qos=1), ready.set())
         self.client.on_message = self._on_message
