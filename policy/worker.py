@@ -695,10 +695,14 @@ def _wait_for_readings(listener: psycopg.Connection, interval: float,
 
 def _from_a_writer(listener: psycopg.Connection, pid: int, senders: dict[int, bool]) -> bool:
     if pid not in senders:
+        row = listener.execute(SENDER_MAY_WRITE, (pid,)).fetchone()
+        if row is None:
+            # The session has ended already (a short-lived writer: insert, commit, close): it
+            # cannot be asked, and a reading may be waiting, so it counts, uncached.
+            return True
         if len(senders) > 1000:  # backends come and go; their pids are reused
             senders.clear()
-        row = listener.execute(SENDER_MAY_WRITE, (pid,)).fetchone()
-        senders[pid] = bool(row and row[0])
+        senders[pid] = bool(row[0])
     return senders[pid]
 
 
