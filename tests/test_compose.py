@@ -414,64 +414,27 @@ def _wait_env(url: str) -> dict[str, str]:
     return dict(env, DATABASE_URL=url, PYTHONPATH=str(ROOT), PATH=path)
 
 
-def _late_proxy(listen_port: int, target_port: int, after: float):
-    """Starts forwarding 127.0.0.1:listen_port to the database only after `after` seconds,
-    as a database container does that is not up yet."""
-    import socket
-    import threading
-
-    stop = threading.Event()
-
-    def pipe(src, dst):
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def serve():
-        time.sleep(after)
-        server = socket.create_server(("127.0.0.1", listen_port))
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                client, _ = server.accept()
-            except TimeoutError:
-                continue
-            upstream = socket.create_connection(("127.0.0.1", target_port))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=pipe, args=(a, b), daemon=True).start()
-        server.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return stop
-
-
 def test_migrate_retries_until_the_database_accepts_connections(pg_server, empty_db_url):
     import subprocess
     import sys
     from urllib.parse import urlsplit, urlunsplit
 
-    from testbed.ports import free_port
+    from testbed.forwarder import Forwarder
 
     parts = urlsplit(empty_db_url)
-    port = free_port()
+    # The database's port opens only after 3 s, as a database container that is not up yet.
+    late = Forwarder(("127.0.0.1", parts.port))
     late_url = urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.port}",
-                                                                     f":{port}")))
-    stop = _late_proxy(port, parts.port, after=3)
+                                                                     f":{late.port}")))
+    timer = late.open_after(3)
     try:
         started = time.monotonic()
         done = subprocess.run([sys.executable, str(WAIT_SCRIPT), "--timeout", "60", "--",
                                "ecoflow-migrate"], env=_wait_env(late_url),
                               capture_output=True, text=True, timeout=300)
     finally:
-        stop.set()
+        timer.cancel()
+        late.close()
     assert done.returncode == 0, done.stderr
     assert time.monotonic() - started >= 3
     assert "not yet" in done.stderr

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from policy import cli, topology
 from policy.settings import load_settings
 from servicekit.migrate import downgrade, upgrade
 from servicekit.settings import DatabaseSettings
+from testbed.forwarder import Forwarder
 from testbed.ports import free_port
 from tests.test_policy_scenarios import SN, at, insert, series
 
@@ -137,48 +137,6 @@ def test_policy_migration_downgrades_and_upgrades_again(db_url):
     settings = DatabaseSettings(database_url=db_url)
     downgrade(settings, "0001")
     upgrade(settings, "head")
-
-
-class Forwarder:
-    """A TCP port that starts forwarding to the real database only when told to: a database
-    that is down when the worker starts and comes up later."""
-
-    def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.port = free_port()
-        self.server: socket.socket | None = None
-
-    def open(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", self.port))
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.server.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self.target)
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        if self.server:
-            self.server.close()
 
 
 def _wait_for_line(proc: subprocess.Popen, lines: list[str], text: str, timeout: float) -> str:
