@@ -204,3 +204,13 @@ def test_seed_and_default_shutdown_cmds_keep_their_meaning(value, mode):
 def test_shutdown_cmds_the_agent_cannot_use_safely_are_refused(value):
     with pytest.raises(agent_module.ConfigError, match=r"^SHUTDOWN_CMD=.*(write|set ABORT_CMD)"):
         agent_module.classify_shutdown_cmd(agent_module.shlex.split(value), abort_cmd_set=False)
+
+
+@pytest.mark.parametrize("field", ["id", "agent", "episode_id", "cancels", "reason"])
+def test_a_trailing_newline_is_outside_the_contract_alphabet(field):
+    # Python's `$` also matches before a final newline; the canonical form is newline-joined, so a
+    # field ending in one must be refused like any other control character.
+    cmd = dict(VECTORS[0]["command"])
+    cmd[field] = (cmd[field] or "x") + "\n"
+    with pytest.raises(ValueError, match=f"^{field} has characters outside"):
+        agent_module.parse_command(json.dumps(cmd).encode())

@@ -37,7 +37,7 @@ INT_FIELDS = ("v", "delay_sec", "ttl_sec", "issued_at")
 ACTIONS = ("shutdown", "abort", "test")
 # Printable ASCII without '"' and '\': the contract's string alphabet, so the shell agent can
 # read the same payloads without a JSON library and every agent rejects the same inputs.
-SAFE_TEXT = re.compile(r'^[\x20-\x21\x23-\x5b\x5d-\x7e]*$')
+SAFE_TEXT = re.compile(r'[\x20-\x21\x23-\x5b\x5d-\x7e]*')  # always fullmatch: $ would admit a final newline
 MAX_PAYLOAD = 4096
 MAX_DELAY_SEC = 86400
 EXECUTED_RETENTION_SEC = 7 * 86400
@@ -240,7 +240,7 @@ def parse_command(payload):
         value = cmd.get(field)
         if not isinstance(value, str):
             raise ValueError(f"{field} missing or not a string")
-        if not SAFE_TEXT.match(value) or len(value) > 200:
+        if not SAFE_TEXT.fullmatch(value) or len(value) > 200:
             raise ValueError(f"{field} has characters outside the contract's alphabet")
     for field in INT_FIELDS:
         value = cmd.get(field)
@@ -683,7 +683,7 @@ def _best_effort_id(payload):
         value = json.loads(payload.decode("utf-8")).get("id")
     except (UnicodeDecodeError, ValueError, AttributeError):
         return ""
-    return value if isinstance(value, str) and SAFE_TEXT.match(value) else ""
+    return value if isinstance(value, str) and SAFE_TEXT.fullmatch(value) else ""
 
 
 def main(argv=None):
