@@ -59,22 +59,39 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command or "run"
     if command == "run":
         return run(db_url, settings, db.retention_days)
-    if command == "plan":
-        return print_plan(db_url, settings, _aware(args.at) if args.at else None,
-                          args.json)
-    if command == "replay":
-        decisions = replay(db_url, settings, _aware(args.start), _aware(args.end), args.step)
-        if args.json:
-            print(json.dumps(decisions, default=str, indent=2))
-        else:
-            _table(decisions, ("ts", "decision", "agent_id", "trigger", "episode_id", "reason"))
-        return 0
-    with psycopg.connect(db_url, autocommit=True) as conn:
-        if command == "status":
-            return status(conn, settings)
-        if command == "explain":
-            return explain(conn, settings, args.agent, args.limit)
-        return fire_test(conn, settings, args.agent, args.wait)
+    try:
+        if command == "plan":
+            return print_plan(db_url, settings, _aware(args.at) if args.at else None,
+                              args.json)
+        if command == "replay":
+            decisions = replay(db_url, settings, _aware(args.start), _aware(args.end),
+                               args.step)
+            if args.json:
+                print(json.dumps(decisions, default=str, indent=2))
+            else:
+                _table(decisions, ("ts", "decision", "agent_id", "trigger", "episode_id",
+                                   "reason"))
+            return 0
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            if command == "status":
+                return status(conn, settings)
+            if command == "explain":
+                return explain(conn, settings, args.agent, args.limit)
+            return fire_test(conn, settings, args.agent, args.wait)
+    except psycopg.errors.UndefinedTable as exc:
+        log.error("%s", _no_schema(exc))
+        return 2
+
+
+def _no_schema(exc: psycopg.errors.UndefinedTable) -> str:
+    """What to do when the database exists but holds no (or an older) schema."""
+    return (f"the database has no EcoFlow schema yet ({_first_line(exc)}): run `ecoflow-migrate`"
+            " with the same DATABASE_URL / POSTGRES_* settings (in Compose the `migrate`"
+            " service does it)")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def run(db_url: str, settings, retention_days: int = 0) -> int:
@@ -99,19 +116,23 @@ def run(db_url: str, settings, retention_days: int = 0) -> int:
 
 def _sync_when_database_is_up(db_url: str, settings, stop: threading.Event,
                               max_wait: float = 30.0):
-    """The topology, written to the database once it accepts connections; None if stopped
-    first. Compose or systemd may start the worker before PostgreSQL: wait, saying so once per
-    attempt, like the collector's writer does."""
+    """The topology, written to the database once it accepts connections and holds the schema;
+    None if stopped first. Compose or systemd may start the worker before PostgreSQL or before
+    `ecoflow-migrate`: wait, saying so once per attempt, like the collector's writer does."""
     wait = 1.0
     while not stop.is_set():
         try:
             with psycopg.connect(db_url, autocommit=True, connect_timeout=10) as conn:
                 return topology.sync(conn, settings)
         except psycopg.OperationalError as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            log.warning("database unavailable at start (%s); retrying in %.0f s", reason, wait)
-            stop.wait(wait)
-            wait = min(wait * 2, max_wait)
+            log.warning("database unavailable at start (%s); retrying in %.0f s",
+                        _first_line(exc), wait)
+        except psycopg.errors.UndefinedTable as exc:
+            # Started before the migrations (a native install, or Compose without `migrate`):
+            # wait for them rather than die with a traceback.
+            log.warning("%s; retrying in %.0f s", _no_schema(exc), wait)
+        stop.wait(wait)
+        wait = min(wait * 2, max_wait)
     return None
 
 

@@ -201,3 +201,38 @@ def test_sigterm_while_waiting_for_the_database_ends_the_worker_cleanly():
             proc.wait()
     output = "".join(lines) + proc.stderr.read() + proc.stdout.read()
     assert "Traceback" not in output, output
+
+
+def test_worker_started_before_the_migrations_waits_for_them(empty_db_url, mqtt_broker):
+    """A native install started the worker before `ecoflow-migrate`: it died with a traceback
+    about a missing table. It must name the command to run and go on once the schema is there."""
+    env = dict(os.environ, DATABASE_URL=empty_db_url, MQTT_HOST=mqtt_broker.host,
+               MQTT_PORT=str(mqtt_broker.port), DEVICE_TO_AGENTS_JSON=json.dumps({SN: ["nas-01"]}),
+               POLICY_INTERVAL_SEC="0.5", LOG_LEVEL="INFO")
+    proc = subprocess.Popen([sys.executable, "-m", "policy"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    try:
+        first = _wait_for_line(proc, lines, "no EcoFlow schema yet", 20)
+        assert "ecoflow-migrate" in first and "retrying" in first
+        upgrade(DatabaseSettings(database_url=empty_db_url), "head")
+        _wait_for_line(proc, lines, "1 agents on 1 stations", 40)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "".join(lines) + proc.stderr.read() + proc.stdout.read()
+    assert "Traceback" not in output, output
+
+
+@pytest.mark.parametrize("command", [["status"], ["explain"], ["plan"]])
+def test_operator_commands_on_an_unmigrated_database_say_what_to_run(command, empty_db_url,
+                                                                     monkeypatch, capfd):
+    monkeypatch.setenv("DATABASE_URL", empty_db_url)
+    monkeypatch.setenv("DEVICE_TO_AGENTS_JSON", json.dumps({SN: ["nas-01"]}))
+    assert cli.main(command) == 2
+    err = capfd.readouterr().err
+    assert "no EcoFlow schema yet" in err and "run `ecoflow-migrate`" in err
+    assert "Traceback" not in err
