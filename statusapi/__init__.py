@@ -1,0 +1,1 @@
+"""ecoflow-status-api: read-only station and agent status as JSON and server-sent events."""
