@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,6 +19,30 @@ _VALUE_SET = frozenset(VALUE_COLUMNS)
 SOURCES = ("rest", "open_mqtt", "app_mqtt", "bridge", "nut", "simulator")
 _REAL_COLUMNS = frozenset({"soc_percent", "soc_min_percent", "battery_temp_c"})
 _INT_MAX = 2**31 - 1  # PostgreSQL integer
+
+
+_INT_COLUMNS = frozenset(VALUE_COLUMNS) - _REAL_COLUMNS - {"grid_connected"}
+_EXACT_DOUBLE_INT = 2**53
+
+
+def binary_safe(column: str, value: Any) -> bool:
+    """Whether the writer's binary COPY stores `value` exactly as the text COPY would (the
+    column's own Python type: int for integer, bool for boolean, a number whose float4 is
+    the one PostgreSQL parses from its text for real). Anything else takes the text COPY,
+    so the database decides on it as it always has (refusing a float in an integer column)."""
+    cls = type(value)
+    if column in _INT_COLUMNS:
+        return cls is int
+    if column == "grid_connected":
+        return cls is bool
+    if cls is int:  # exact as a double, so rounded to float4 once, as from its digits
+        return -_EXACT_DOUBLE_INT <= value <= _EXACT_DOUBLE_INT
+    if cls is not float:
+        return False
+    # A double exactly halfway between two float4s rounds to even in binary, but its shortest
+    # text may lie just off the halfway point and round the other way: keep the text there.
+    half = math.frexp(value)[0] * 33554432.0  # the significand in 25 bits
+    return not (half.is_integer() and int(half) & 1)
 
 
 class HeadlineSoc(float):
@@ -66,6 +91,8 @@ class Row:
     # Earlier rows of the same device and time, with other payloads, that this row (the newest)
     # was merged over inside one batch: their payloads go to `ecoflow_merged_payloads`.
     merged: list[Row] | None = None
+    # Every value suits the writer's binary COPY (`binary_safe`); set by the snapshot merge.
+    binary: bool = False
 
     def as_tuple(self) -> tuple:
         return (self.ts, self.device_sn, *map(self.values.get, VALUE_COLUMNS),
@@ -90,11 +117,28 @@ class SnapshotMerger:
     def __init__(self) -> None:
         self._known: dict[str, dict[str, Any]] = {}
         self._modules: dict[str, dict[str, float]] = {}
+        # Per device, the columns whose known value is not `binary_safe` (hardly ever any).
+        self._odd: dict[str, set[str]] = {}
+
+    def binary_safe(self, device_sn: str) -> bool:
+        """Whether every known value of the device suits the writer's binary COPY."""
+        return not self._odd.get(device_sn)
+
+    def _note(self, device_sn: str, column: str, value: Any) -> None:
+        odd = self._odd.get(device_sn)
+        if value is not None and not binary_safe(column, value):
+            if odd is None:
+                odd = self._odd[device_sn] = set()
+            odd.add(column)
+        elif odd:
+            odd.discard(column)
 
     def seed(self, device_sn: str, values: dict[str, Any]) -> None:
         """Fill in values stored earlier; what has arrived since start-up is newer and wins."""
         stored = {k: v for k, v in values.items() if k in _VALUE_SET and v is not None}
-        self._known[device_sn] = {**stored, **self._known.get(device_sn, {})}
+        known = self._known[device_sn] = {**stored, **self._known.get(device_sn, {})}
+        for k, v in known.items():
+            self._note(device_sn, k, v)
 
     def merge(self, device_sn: str, values: dict[str, Any]) -> dict[str, Any]:
         """The device's snapshot with `values` merged in: a new dict, the row's own."""
@@ -106,12 +150,19 @@ class SnapshotMerger:
                 continue
             if v is None:
                 known.pop(k, None)
+                if self._odd:
+                    self._note(device_sn, k, None)
                 continue
             if type(v) is HeadlineSoc:
                 packs = self._modules.get(device_sn)
                 v = min(packs.values()) if packs else float(v)
             if storable(k, v):
                 known[k] = v
+                cls = type(v)
+                if self._odd or not ((cls is int and k in _INT_COLUMNS)
+                                     or (cls is bool and k == "grid_connected")
+                                     or binary_safe(k, v)):
+                    self._note(device_sn, k, v)
         return known.copy()
 
     def merge_modules(self, device_sn: str, modules: dict[str, float]) -> dict[str, float]:

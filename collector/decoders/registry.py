@@ -9,6 +9,8 @@ import json
 import re
 from typing import Any
 
+import orjson
+
 from . import delta_gen1, delta_gen2, gen3, powerstream, protobuf, smartplug
 from .json_envelopes import Unwrapped, unwrap
 from .models import model_for
@@ -128,9 +130,22 @@ def decode_json(document: Any, topic: str | None = None, source: str | None = No
 
 def _as_json(payload: bytes) -> tuple[Any, str | None]:
     """The JSON document in `payload` and its text, or (None, None) when the payload is not
-    JSON text."""
+    JSON text.
+
+    orjson parses; Python's json module decides wherever the two could differ, so what a
+    payload decodes to does not depend on the parser: a document orjson refuses (a lone
+    surrogate escape, a number beyond a double) and one with a digit run long enough to hold
+    an integer beyond 64 bits (which orjson would read as a float) go to `json`.
+    """
     if payload.lstrip()[:1] not in (b"{", b"["):
         return None, None
+    if _DIGITS_19 not in payload.translate(_DIGITS_ONLY):
+        try:
+            document = _orjson_loads(payload)
+        except ValueError:  # orjson.JSONDecodeError
+            pass
+        else:
+            return document, payload.decode("utf-8")
     try:
         text = payload.decode("utf-8")
         return _JSON.decode(text), text
@@ -145,6 +160,11 @@ def _no_constants(name: str):
 # NaN and Infinity are not JSON (PostgreSQL's jsonb refuses them): undecodable. One decoder for
 # every payload (json.loads with an option builds a new one per call).
 _JSON = json.JSONDecoder(parse_constant=_no_constants)
+_orjson_loads = orjson.loads
+# An integer outside orjson's 64 bits has at least 19 digits: a payload with such a run of
+# digits (each digit made "0", everything else a space) is parsed by json.
+_DIGITS_ONLY = bytes(0x30 if 0x30 <= c <= 0x39 else 0x20 for c in range(256))
+_DIGITS_19 = b"0" * 19
 
 
 def _as_base64(payload: bytes) -> bytes | None:
