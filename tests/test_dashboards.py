@@ -182,7 +182,8 @@ VALUES (%(office)s, 'Office Delta 2', 'Delta 2', 'home', 1024, %(now)s - interva
 -- to 1.5 h ago; both have solar around midday-like hours of the sample.
 INSERT INTO ecoflow_measurements (ts, device_sn, soc_percent, soc_min_percent,
     remain_time_min, watts_in_sum, watts_out_sum, ac_in_watts, ac_out_watts, dc_out_watts,
-    typec_out_watts, usb_out_watts, pv_in_watts, grid_connected, battery_temp_c, source, raw_data)
+    typec_out_watts, usb_out_watts, pv_in_watts, grid_connected, battery_temp_c, source, raw_data,
+    received_at)
 SELECT ts, sn,
        CASE WHEN outage THEN 90 - minute_in_outage ELSE 90 END,
        CASE WHEN outage THEN 88 - minute_in_outage ELSE 88 END,
@@ -191,7 +192,10 @@ SELECT ts, sn,
        120, CASE WHEN outage THEN 0 ELSE 150 END, 90, 12, 10, 8, solar,
        NOT outage, 24.5, src,
        jsonb_build_object('bms_bmsStatus', jsonb_build_object('soc', 90, 'temp', 25),
-                          'bms_slave.soc', 88, 'bms_slave.temp', 26, 'pd.wattsOutSum', 120)
+                          'bms_slave.soc', 88, 'bms_slave.temp', 26, 'pd.wattsOutSum', 120),
+       -- The office's clock runs 2 s behind (received 2 s after its stamp), the garage's 90 s
+       -- ahead.
+       ts + CASE WHEN sn = %(office)s THEN interval '2 seconds' ELSE interval '-90 seconds' END
   FROM (
     SELECT ts, sn, src,
            sn = %(office)s AND ts >= %(now)s - interval '2 hours'
@@ -440,6 +444,13 @@ def test_collector_health_counts_one_reading_a_minute_per_source(seeded):
     middle = [r["value"] for r in rows[4:-4]]
     assert middle and all(v == pytest.approx(1) for v in middle)
     assert {r["metric"] for r in rows} == {"open_mqtt", "rest"}
+
+
+def test_collector_health_shows_each_stations_clock_skew(seeded):
+    """Item 2 of issue 15: the median of device time minus receive time per station."""
+    rows = as_dicts(seeded, panel_query("collector", "Station clock skew"), timedelta(hours=6))
+    assert [(r["Station"], r["Clock skew"], r["Readings"], r["Stamped on receipt"])
+            for r in rows] == [("Garage Delta Pro", 90, 100, 0), ("Office Delta 2", -2, 100, 0)]
 
 
 def home_assistant_sensors() -> list[dict]:

@@ -6,7 +6,10 @@ import base64
 import json
 from pathlib import Path
 
+import pytest
+
 from collector.decode_cli import main
+from collector.rows import VALUE_COLUMNS
 
 PAYLOADS = Path(__file__).resolve().parent / "fixtures" / "payloads"
 
@@ -93,3 +96,118 @@ def test_decode_reports_a_truncated_capture(capsys, tmp_path):
 def test_decode_of_a_missing_file_exits_2(capsys, tmp_path):
     assert main([str(tmp_path / "nope.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+# -- several payloads: the rows the collector would write (issue 15, item 6) ------------------
+OPEN_TOPIC = "/open/account/R351ZSM00000001/quota"
+
+
+def fixture_document(name: str) -> dict:
+    return json.loads((PAYLOADS / name).read_text())
+
+
+def test_decode_of_a_directory_prints_the_merged_rows_in_order(capsys, tmp_path):
+    """bmsStatus -> kitInfo -> emsStatus, one file each, named in the order they arrive: three
+    rows, each the complete snapshot the collector stores, with the columns a row only carries
+    over from an earlier message marked, and a "not applicable" runtime marked cleared."""
+    for i, name in enumerate(("delta2max_open_mqtt_4_bmsStatus.json",
+                              "delta2max_open_mqtt_7_kitInfo.json",
+                              "delta2max_open_mqtt_5_emsStatus.json"), 1):
+        (tmp_path / f"{i}-{name}").write_text((PAYLOADS / name).read_text())
+    status, rows = run(capsys, "--topic", OPEN_TOPIC, str(tmp_path))
+    assert status == 0
+    assert [r["payloads"] for r in rows] == [["1-delta2max_open_mqtt_4_bmsStatus.json"],
+                                             ["2-delta2max_open_mqtt_7_kitInfo.json"],
+                                             ["3-delta2max_open_mqtt_5_emsStatus.json"]]
+    assert {r["device_sn"] for r in rows} == {"R351ZSM00000001"}
+    # The lowest pack over the snapshot, not the headline SoC of the last message (item 3).
+    assert [r["values"]["soc_min_percent"] for r in rows] == [
+        pytest.approx(82.6), pytest.approx(26.25), pytest.approx(26.25)]
+    # kitInfo names no headline SoC: the stored row carries the bmsStatus one over.
+    assert rows[1]["values"]["soc_percent"] == pytest.approx(82.6)
+    assert "soc_percent" in rows[1]["carried_over"]
+    assert rows[0]["carried_over"] == []
+    # emsStatus gives only the headline SoC: the snapshot keeps the extra battery's 26.25 %.
+    assert "soc_min_percent" in rows[2]["carried_over"]
+    for row in rows:
+        assert set(row["values"]) == set(VALUE_COLUMNS)
+        for column in row["carried_over"]:
+            assert row["values"][column] is not None
+    assert [r["received_at"] for r in rows] == sorted(r["received_at"] for r in rows)
+
+
+def test_decode_of_json_lines_merges_distinct_messages_of_the_same_second(capsys, tmp_path):
+    """App pushes carry whole seconds (item 1): two different pushes in the same second become
+    one row, newest value winning, naming both payloads; a redelivery of the first adds
+    nothing. The same payloads as a JSON array give the same rows."""
+    document = fixture_document("river2pro_app_mqtt_2.json")
+    first = document["payload"]
+    second = json.loads(json.dumps(first))
+    second["params"] = {"bms_emsStatus.f32LcdShowSoc": 42, "bms_emsStatus.lcdShowSoc": 42}
+    lines = tmp_path / "pushes.jsonl"
+    lines.write_text("\n".join(json.dumps(p) for p in (first, second, first)) + "\n")
+    status, rows = run(capsys, "--topic", document["topic"], str(lines))
+    assert status == 0
+    (row,) = rows
+    assert row["payloads"] == ["pushes.jsonl#1", "pushes.jsonl#2"]
+    assert row["values"]["soc_percent"] == 42
+    assert row["ts"].startswith("2024-01-03T10:43:15")
+    assert row["carried_over"] == []
+    array = tmp_path / "pushes.json"
+    array.write_text(json.dumps([first, second, first]))
+    status, again = run(capsys, "--topic", document["topic"], str(array))
+    assert status == 0
+    assert [r["values"] for r in again] == [row["values"]]
+
+
+def test_decode_of_several_payloads_marks_carried_over_and_cleared_columns(capsys, tmp_path):
+    """A discharge estimate, then a push saying "not discharging" (5999), then a power-only
+    push: the runtime is cleared (item 4), never carried over, and SoC is carried."""
+    base = {"addr": 0, "cmdFunc": 0, "cmdId": 0, "version": "1.0", "moduleType": "2"}
+    pushes = [
+        dict(base, id=1, timestamp=1704278595, params={"bms_emsStatus.f32LcdShowSoc": 60,
+                                                       "bms_emsStatus.dsgRemainTime": 90,
+                                                       "bms_emsStatus.chgRemainTime": 5999}),
+        dict(base, id=2, timestamp=1704278600, params={"bms_emsStatus.dsgRemainTime": 5999,
+                                                       "bms_emsStatus.chgRemainTime": 5999}),
+        dict(base, id=3, timestamp=1704278605, moduleType="1",
+             params={"pd.wattsOutSum": 120, "pd.wattsInSum": 0}),
+    ]
+    path = tmp_path / "sequence.json"
+    path.write_text(json.dumps(pushes))
+    status, rows = run(capsys, "--topic", "/app/device/property/R621ZEB4XECV1192", str(path))
+    assert status == 0
+    assert [r["values"]["remain_time_min"] for r in rows] == [90, None, None]
+    assert "remain_time_min" in rows[1]["cleared"]
+    assert "remain_time_min" not in rows[2]["carried_over"]
+    assert [r["values"]["soc_percent"] for r in rows] == [60, 60, 60]
+    assert "soc_percent" in rows[1]["carried_over"] and "soc_percent" in rows[2]["carried_over"]
+    assert rows[2]["values"]["watts_out_sum"] == 120
+    assert "watts_out_sum" not in rows[2]["carried_over"]
+
+
+def test_decode_of_several_payloads_shows_a_dead_letter_in_its_place(capsys, tmp_path):
+    (tmp_path / "1.json").write_text((PAYLOADS / "delta2max_open_mqtt_4_bmsStatus.json")
+                                     .read_text())
+    (tmp_path / "2.bin").write_bytes(b"\x0a\x05abc")
+    (tmp_path / "3.json").write_text((PAYLOADS / "delta2max_open_mqtt_5_emsStatus.json")
+                                     .read_text())
+    status, rows = run(capsys, "--topic", OPEN_TOPIC, str(tmp_path))
+    assert status == 1
+    assert [r["payloads"] for r in rows] == [["1.json"], ["2.bin"], ["3.json"]]
+    assert "HeaderMessage" in rows[1]["dead_letter"]
+    assert "dead_letter" not in rows[0] and "dead_letter" not in rows[2]
+
+
+def test_decode_rows_of_one_payload(capsys):
+    """--rows for one payload: the row it is stored as; without a serial in the topic or the
+    payload it would be a dead letter, and decode says so."""
+    status, rows = run(capsys, "--rows", str(PAYLOADS / "river2pro_app_mqtt_2.json"))
+    assert status == 0
+    (row,) = rows
+    assert row["device_sn"] == "R621ZEB4XECV1192" and row["source"] == "app_mqtt"
+    assert row["values"]["soc_percent"] == 100 and row["carried_over"] == []
+    assert "remain_time_min" in row["cleared"]
+    status, rows = run(capsys, "--rows", str(PAYLOADS / "delta2_app_mqtt_1.json"))
+    assert status == 1
+    assert rows[0]["dead_letter"] == "no serial number in the topic or the payload"

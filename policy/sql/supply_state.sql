@@ -43,8 +43,15 @@ WITH stations AS (
            coalesce(latest.received_at - latest.ts, interval '0')  AS clock_offset,
            %(now)s - coalesce(latest.received_at - latest.ts, interval '0') AS dev_now
       FROM stations p
-      -- The newest reading received by now; newest on the station's clock, which orders one
-      -- station's readings as it sent them.
+      -- The newest reading received by now: the last to arrive, not the one with the latest
+      -- stamp. A message whose clock jumped ahead claims a time still to come; ordered by its
+      -- stamp it would stand for the station until the clock caught up, hiding the real grid
+      -- and SoC behind it. Taken as the last arrival, it sets no clock: its ts lies beyond
+      -- dev_now, so no lookup below sees it before the station's clock reaches it. (The
+      -- collector stores a stamp more than pipeline.MAX_CLOCK_AHEAD ahead of the receive
+      -- time at the receive time.) Same arrival: the later stamp. The index on
+      -- (device_sn, coalesce(received_at, ts) DESC, ts DESC) (migration 0009) stops this at
+      -- the first row, inside the same chunks as the other lookups.
       LEFT JOIN LATERAL (
             SELECT m.ts, coalesce(m.received_at, m.ts) AS received_at,
                    coalesce(m.soc_min_percent, m.soc_percent)::float8 AS soc,
@@ -53,7 +60,7 @@ WITH stations AS (
              WHERE m.device_sn = p.device_sn
                AND m.ts BETWEEN %(horizon)s AND %(until)s
                AND coalesce(m.received_at, m.ts) <= %(now)s
-             ORDER BY m.ts DESC LIMIT 1) latest ON true
+             ORDER BY coalesce(m.received_at, m.ts) DESC, m.ts DESC LIMIT 1) latest ON true
 ), station AS (
     SELECT p.*,
            grid.grid_connected AS grid_on,
