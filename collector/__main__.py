@@ -23,9 +23,13 @@ def main(argv: list[str] | None = None) -> int:
         from collector.cloud.control import main as control_main
 
         return control_main(argv[1:])
+    if argv and argv[0] == "status":
+        from collector.sources.liveness import status_main
+
+        return status_main(argv[1:])
     if argv and argv[0] not in ("run",):
         print("usage: python -m collector [run | decode [--topic T] FILE | simulate ... | doctor"
-              " | control ...];"
+              " | control ... | status];"
               f" unknown {argv[0]!r}", file=sys.stderr)
         return 2
     from collector.service import Collector

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from collector.cloud.plan import cloud_plan
 from servicekit.settings import load
 
 DEFAULT_BRIDGE_TOPICS = "bridge-ecoflow/+/data"
@@ -30,6 +31,9 @@ class CollectorSettings(BaseSettings):
     flush_interval_sec: float = Field(default=1.0, gt=0, le=60, validation_alias="FLUSH_INTERVAL_SEC")
     max_buffer_rows: int = Field(default=50_000, ge=100, validation_alias="MAX_BUFFER_ROWS")
     exporter_port: int = Field(default=9090, ge=0, le=65535, validation_alias="EXPORTER_PORT")
+    # The seed Prometheus exporter's prefix of every metric name (docs/prometheus.md).
+    metrics_prefix: str = Field(default="ecoflow", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$",
+                                validation_alias="METRICS_PREFIX")
 
     simulator_scenario: str = Field(default="outage", validation_alias="SIMULATOR_SCENARIO")
     simulator_accel: float = Field(default=1.0, gt=0, le=10_000, validation_alias="SIMULATOR_ACCEL")
@@ -58,6 +62,9 @@ class CollectorSettings(BaseSettings):
     ecoflow_app_api_host: str | None = Field(default=None, validation_alias="ECOFLOW_APP_API_HOST")
     ecoflow_device_sn: str | None = Field(default=None, validation_alias="ECOFLOW_DEVICE_SN")
     ecoflow_device_list: str | None = Field(default=None, validation_alias="ECOFLOW_DEVICE_LIST")
+    # The seed exporter's name for ECOFLOW_DEVICE_SN's station in the metrics
+    # (<prefix>_device_info), instead of devices.name.
+    ecoflow_device_name: str | None = Field(default=None, validation_alias="ECOFLOW_DEVICE_NAME")
     ecoflow_sources: str = Field(default="auto", validation_alias="ECOFLOW_SOURCES")
     collecting_interval: float = Field(default=30.0, ge=5, le=3600,
                                        validation_alias="COLLECTING_INTERVAL")
@@ -67,6 +74,31 @@ class CollectorSettings(BaseSettings):
     ecoflow_latest_quotas_sec: float = Field(default=300.0, ge=10, le=3600,
                                              validation_alias="ECOFLOW_LATEST_QUOTAS_SEC")
     ecoflow_allow_control: bool = Field(default=False, validation_alias="ECOFLOW_ALLOW_CONTROL")
+    # Liveness (collector.sources.liveness): the cadence expected of the push sources, and how
+    # many expected periods without a reading make a source quiet, then stale.
+    ecoflow_push_period_sec: float = Field(default=30.0, gt=0, le=3600,
+                                           validation_alias="ECOFLOW_PUSH_PERIOD_SEC")
+    bridge_period_sec: float = Field(default=30.0, gt=0, le=3600,
+                                     validation_alias="BRIDGE_PERIOD_SEC")
+    liveness_quiet_periods: float = Field(default=2.0, gt=0, le=100,
+                                          validation_alias="LIVENESS_QUIET_PERIODS")
+    liveness_stale_periods: float = Field(default=5.0, gt=0, le=1000,
+                                          validation_alias="LIVENESS_STALE_PERIODS")
+    # "failover": with a push source running, quota/all is polled only for stations whose
+    # pushes are not fresh; "always": every COLLECTING_INTERVAL regardless.
+    ecoflow_rest_poll: str = Field(default="failover", pattern="^(failover|always)$",
+                                   validation_alias="ECOFLOW_REST_POLL")
+    # A CONNACK that does not come within this long counts as refused: fresh credentials.
+    ecoflow_connack_timeout_sec: float = Field(default=30.0, ge=1, le=600,
+                                               validation_alias="ECOFLOW_CONNACK_TIMEOUT_SEC")
+
+    @field_validator("liveness_stale_periods")
+    @classmethod
+    def _stale_after_quiet(cls, value: float, info) -> float:
+        quiet = info.data.get("liveness_quiet_periods")
+        if quiet is not None and value <= quiet:
+            raise ValueError(f"must be more than LIVENESS_QUIET_PERIODS ({quiet:g})")
+        return value
 
     @field_validator("ecoflow_sources")
     @classmethod
@@ -129,6 +161,23 @@ class CollectorSettings(BaseSettings):
             raise ValueError("give at least one MQTT topic pattern, e.g. bridge-ecoflow/+/data")
         return ",".join(topics)
 
+    @field_validator("ecoflow_device_name")
+    @classmethod
+    def _name_needs_one_serial(cls, value: str | None, info: ValidationInfo) -> str | None:
+        value = (value or "").strip() or None
+        if value and len(_serials(info.data.get("ecoflow_device_sn"))) != 1:
+            raise ValueError("names the station in ECOFLOW_DEVICE_SN: set ECOFLOW_DEVICE_SN to "
+                             "exactly one serial number, or name stations in the devices table "
+                             "(devices.name) instead")
+        return value
+
+    @property
+    def metrics_names(self) -> dict[str, str]:
+        """Serial -> ECOFLOW_DEVICE_NAME, for the station ECOFLOW_DEVICE_SN names."""
+        if not self.ecoflow_device_name:
+            return {}
+        return {_serials(self.ecoflow_device_sn)[0]: self.ecoflow_device_name}
+
     @property
     def topic_list(self) -> list[str]:
         return self.bridge_topics.split(",")
@@ -146,6 +195,7 @@ ENV_NAMES = {
     "batch_rows": "BATCH_ROWS",
     "flush_interval_sec": "FLUSH_INTERVAL_SEC", "max_buffer_rows": "MAX_BUFFER_ROWS",
     "exporter_port": "EXPORTER_PORT", "simulator_scenario": "SIMULATOR_SCENARIO",
+    "metrics_prefix": "METRICS_PREFIX", "ecoflow_device_name": "ECOFLOW_DEVICE_NAME",
     "simulator_accel": "SIMULATOR_ACCEL", "simulator_interval_sec": "SIMULATOR_INTERVAL_SEC",
     "nut_host": "NUT_HOST", "nut_port": "NUT_PORT", "nut_ups": "NUT_UPS", "nut_user": "NUT_USER",
     "nut_password": "NUT_PASSWORD", "nut_poll_sec": "NUT_POLL_SEC",
@@ -159,13 +209,20 @@ ENV_NAMES = {
     "ecoflow_tls_ca": "ECOFLOW_TLS_CA", "ecoflow_mqtt_client_id": "ECOFLOW_MQTT_CLIENT_ID",
     "ecoflow_latest_quotas_sec": "ECOFLOW_LATEST_QUOTAS_SEC",
     "ecoflow_allow_control": "ECOFLOW_ALLOW_CONTROL",
+    "ecoflow_push_period_sec": "ECOFLOW_PUSH_PERIOD_SEC", "bridge_period_sec": "BRIDGE_PERIOD_SEC",
+    "liveness_quiet_periods": "LIVENESS_QUIET_PERIODS",
+    "liveness_stale_periods": "LIVENESS_STALE_PERIODS",
+    "ecoflow_rest_poll": "ECOFLOW_REST_POLL",
+    "ecoflow_connack_timeout_sec": "ECOFLOW_CONNACK_TIMEOUT_SEC",
 }
+
+
+def _serials(text: str | None) -> list[str]:
+    return [sn.strip() for sn in (text or "").replace(";", ",").split(",") if sn.strip()]
 
 
 def collector_settings(**kw) -> CollectorSettings:
     settings = load(CollectorSettings, ENV_NAMES, **kw)
     if "ecoflow" in settings.source_list:
-        from collector.cloud.plan import cloud_plan
-
         cloud_plan(settings)  # credentials present and consistent, or a clear start-up error
     return settings

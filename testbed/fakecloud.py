@@ -12,6 +12,18 @@ Real EcoFlow quirks it keeps on purpose: quota/all answers the last known values
 device; a stale timestamp answers "signature is wrong"; app telemetry stops unless someone asked
 for latestQuotas recently (`app_push_needs_request`).
 
+Failure scenarios (issue 17), each on demand:
+
+- `silence(sn)` / `resume(sn)`: a device stops pushing while every connection stays up (and
+  REST keeps answering): telemetry that freezes silently;
+- `rotate_mqtt_password()`: new broker passwords, the old ones refused ("Not authorized"); the
+  broker keeps persistent sessions across the restart, so what was published meanwhile waits
+  for the same client id;
+- `connack_never_comes = True`: certification hands out a TLS listener that accepts the MQTT
+  CONNECT and never answers it;
+- `downlinks()`: every command sent towards a device (MQTT `set` topics and REST PUT quota),
+  to prove a collector never sends one by itself.
+
 Nothing secret is logged or recorded: `requests` holds method, path, query and the code answered.
 """
 
@@ -102,6 +114,7 @@ class FakeDevice:
     quota: dict = field(default_factory=dict)  # the flat REST quota/all data map
     open_messages: list[bytes] = field(default_factory=list)  # /open/<account>/<sn>/quota
     app_messages: list[bytes] = field(default_factory=list)  # /app/device/property/<sn>
+    pushing: bool = True  # False: silent, though online and connected (`silence`)
     product_type: int | None = None  # for latestQuotas replies
     developer_enabled: bool = True  # False: quota/all answers "not allowed to get device info"
 
@@ -173,6 +186,9 @@ class FakeEcoflowCloud:
         self.requests: list[dict] = []
         self.set_quota_calls: list[dict] = []
         self.latest_quotas_requests: dict[str, int] = {}
+        self.mqtt_downlinks: list[tuple[str, bytes]] = []  # (topic, payload) of set messages
+        self.connack_never_comes = False
+        self._silent: _SilentBroker | None = None
 
         self._lock = threading.RLock()
         self._mqtt_passwords = {self.open_account: secrets.token_hex(16),
@@ -195,7 +211,8 @@ class FakeEcoflowCloud:
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> FakeEcoflowCloud:
-        broker = MosquittoServer(users=self._broker_users(), tls=True)
+        # Persistent sessions survive a restart (a rotation), as on a real broker.
+        broker = MosquittoServer(users=self._broker_users(), tls=True, persistence=True)
         broker.acl_file = broker.base / "fakecloud_acl"
         broker.acl_file.write_text(self._acl())
         self._broker = broker
@@ -224,6 +241,9 @@ class FakeEcoflowCloud:
             self._http_thread.join(timeout=5)
             self._http_thread = None
         self._disconnect_device_client()
+        if self._silent is not None:
+            self._silent.close()
+            self._silent = None
         if self._broker is not None:
             self._broker.stop()
             self._broker = None
@@ -326,9 +346,15 @@ class FakeEcoflowCloud:
         if reason_code.is_failure:
             log.warning("fake device client refused by its broker: %s", reason_code)
             return
-        client.subscribe(f"/app/{self.user_id}/+/thing/property/get", qos=1)
+        client.subscribe([(f"/app/{self.user_id}/+/thing/property/get", 1),
+                          (f"/app/{self.user_id}/+/thing/property/set", 1),
+                          (f"/open/{self.open_account}/+/set", 1)])
 
     def _on_device_message(self, client, _userdata, msg) -> None:
+        if msg.topic.endswith("/set"):
+            with self._lock:
+                self.mqtt_downlinks.append((msg.topic, bytes(msg.payload)))
+            return
         # /app/<userId>/<sn>/thing/property/get
         parts = msg.topic.split("/")
         if len(parts) != 7:
@@ -384,7 +410,24 @@ class FakeEcoflowCloud:
             self._connect_device_client()
         log.info("fake EcoFlow cloud: MQTT passwords rotated, broker restarted")
 
+    def downlinks(self) -> list:
+        """Every command that reached a device: MQTT set messages and REST PUT quota bodies."""
+        with self._lock:
+            return [*self.mqtt_downlinks, *self.set_quota_calls]
+
     # -- devices pushing -----------------------------------------------------------------------
+    def silence(self, sn: str | None = None) -> None:
+        """The device (every device without `sn`) stops pushing; connections stay up, REST and
+        latestQuotas still answer."""
+        for device in self.devices:
+            if sn is None or device.sn == sn:
+                device.pushing = False
+
+    def resume(self, sn: str | None = None) -> None:
+        for device in self.devices:
+            if sn is None or device.sn == sn:
+                device.pushing = True
+
     def _device(self, sn: str) -> FakeDevice | None:
         return next((d for d in self.devices if d.sn == sn), None)
 
@@ -450,7 +493,7 @@ class FakeEcoflowCloud:
     def _push_loop(self) -> None:
         while not self._stop_pushing.wait(self._push_interval):
             for device in list(self.devices):
-                if not device.online:
+                if not device.online or not device.pushing:
                     continue
                 kinds = ["open"] + (["app"] if self.app_push_allowed(device.sn) else [])
                 for kind in kinds:
@@ -569,8 +612,13 @@ class FakeEcoflowCloud:
         broker = self._started()
         with self._lock:
             password = self._mqtt_passwords[account]
+        port = broker.tls_port
+        if self.connack_never_comes:
+            if self._silent is None:
+                self._silent = _SilentBroker(broker.tls_files)
+            port = self._silent.port
         return {"certificateAccount": account, "certificatePassword": password,
-                "url": broker.host, "port": str(broker.tls_port), "protocol": "mqtts"}
+                "url": broker.host, "port": str(port), "protocol": "mqtts"}
 
     def _device_for_quota(self, sn: str | None) -> FakeDevice | _Reply:
         if not sn:
@@ -641,6 +689,47 @@ class FakeEcoflowCloud:
             return _error("401", "token is invalid or expired: log in again",
                           reason="missing or unknown bearer token")
         return _ok(self._mqtt_certificate(self.app_account))
+
+
+class _SilentBroker:
+    """A TLS listener that completes the handshake, reads the MQTT CONNECT and never answers:
+    a CONNACK that never comes."""
+
+    def __init__(self, tls_files):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(tls_files.server_cert, tls_files.server_key)
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.connects = 0
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="fakecloud-silent", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
+
+    def _hold(self, conn: socket.socket) -> None:
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+            self._held.append(tls)
+            if tls.recv(65536):
+                self.connects += 1
+            while tls.recv(65536):
+                pass
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.server.close()
+        for conn in self._held:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class _HttpsServer(http.server.ThreadingHTTPServer):

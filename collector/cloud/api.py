@@ -12,12 +12,15 @@ import logging
 import random
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import requests
 
 from collector.cloud.signing import signed_headers
+
+if TYPE_CHECKING:
+    from collector.settings import CollectorSettings
 
 log = logging.getLogger(__name__)
 
@@ -317,3 +320,15 @@ class Backoff:
 
     def reset(self) -> None:
         self.failures = 0
+
+
+def open_api(s: CollectorSettings, host: str) -> OpenApi:
+    """The developer API client for the keys in the settings."""
+    return OpenApi(host, s.ecoflow_access_key or "", s.ecoflow_secret_key or "",
+                   ca_file=s.ecoflow_tls_ca)
+
+
+def app_api(s: CollectorSettings, host: str) -> AppApi:
+    """The app-login API client for the account in the settings."""
+    return AppApi(host, s.ecoflow_account_user or "", s.ecoflow_account_password or "",
+                  ca_file=s.ecoflow_tls_ca)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from collector.cloud.api import EcoflowApiError, ac_output_command
+from collector.cloud.api import EcoflowApiError, ac_output_command, open_api
 from collector.cloud.plan import cloud_plan
 from collector.decoders.models import model_for
 from servicekit.logging import register_secret
@@ -17,7 +17,6 @@ from servicekit.settings import SettingsError
 
 
 def main(argv: list[str]) -> int:
-    from collector.cloud.wiring import open_api
     from collector.settings import collector_settings
 
     parser = argparse.ArgumentParser(prog="ecoflow-collector control", description=__doc__)

@@ -27,8 +27,8 @@ from collector.cloud.api import (
     OpenApi,
     host_name,
 )
+from collector.cloud.broker import cloud_client
 from collector.cloud.plan import CloudPlan
-from collector.cloud.sources import cloud_client
 from collector.decoders import DecodeError, decode
 from collector.settings import CollectorSettings
 from servicekit.logging import redact, register_secret
@@ -296,6 +296,80 @@ def run(s: CollectorSettings, plan: CloudPlan) -> Report:
     return report
 
 
+def station_clocks(report: Report, url: str | None = None) -> None:
+    """Each station's clock skew from the readings stored (servicekit.clock_skew), when the
+    database (DATABASE_URL or POSTGRES_*) is reachable. A skew is no failure: the policy
+    measures age by receipt; it is shown so a wrong station clock is seen."""
+    import psycopg
+
+    from servicekit.clock_skew import NOTABLE_SEC, describe, station_skews
+    from servicekit.settings import database_settings
+
+    try:
+        url = url or database_settings().libpq_url()
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            rows = station_skews(conn)
+    except Exception as exc:  # noqa: BLE001 (the database is optional here)
+        text = str(exc).strip().splitlines()
+        report.head("Station clocks")
+        report.info(f"not checked: database not reachable ({text[0] if text else type(exc)})")
+        return
+    report.head("Station clocks (device time against receipt, stored readings)")
+    if not rows:
+        report.info("no readings with a receive time in the last day")
+    for row in rows:
+        name = f"{row['device_sn']}" + (f" \"{row['name']}\"" if row["name"] else "")
+        line = f"{name}: {describe(row)}"
+        if row["skew_sec"] is not None and abs(row["skew_sec"]) > NOTABLE_SEC:
+            report.info(f"{line}; check the station's time (stations set it from EcoFlow's"
+                        " cloud): Grafana shows its readings shifted by as much")
+        else:
+            report.ok(line)
+
+
+def source_liveness(report: Report, s: CollectorSettings, url: str | None = None) -> None:
+    """Each station's sources, fresh / quiet / stale by the age of their newest stored reading
+    (collector.sources.liveness), when the database is reachable. A station without a fresh
+    source fails: the policy would act on frozen values."""
+    import psycopg
+
+    from collector.sources.liveness import (
+        FRESH,
+        STALE,
+        periods_from_settings,
+        states_from_db,
+        station_verdicts,
+    )
+    from servicekit.settings import database_settings
+
+    try:
+        url = url or database_settings().libpq_url()
+        with psycopg.connect(url, connect_timeout=3) as conn:
+            entries = states_from_db(conn, periods_from_settings(s), s.liveness_quiet_periods,
+                                     s.liveness_stale_periods)
+    except Exception as exc:  # noqa: BLE001 (the database is optional here)
+        text = str(exc).strip().splitlines()
+        report.head("Liveness")
+        report.info(f"not checked: database not reachable ({text[0] if text else type(exc)})")
+        return
+    report.head("Liveness (newest stored reading per station and source, by receive time)")
+    if not entries:
+        report.info("no readings in the last day")
+    for e in entries:
+        report.info(e.describe())
+    for sn, best in sorted(station_verdicts(entries).items()):
+        if best.state == FRESH:
+            report.ok(f"{sn}: fresh from {best.source}")
+        elif best.state == STALE:
+            report.fail(f"{sn}: stale, no source delivered for {best.age:.0f} s",
+                        "check the station is online in the EcoFlow app and the collector is "
+                        "running; a connected source can still deliver nothing (pushes stop "
+                        "when no app asks): with developer keys the collector polls REST "
+                        "quota/all meanwhile (docs/ecoflow-cloud-liveness.md)")
+        else:
+            report.info(f"{sn}: quiet, newest reading {best.age:.0f} s ago from {best.source}")
+
+
 def main(argv: list[str]) -> int:
     import argparse
 
@@ -315,6 +389,8 @@ def main(argv: list[str]) -> int:
         return 2
     started = time.monotonic()
     report = run(s, plan)
+    station_clocks(report)
+    source_liveness(report, s)
     print(report.text())
     print(f"(checked in {time.monotonic() - started:.1f} s)")
     return 1 if report.problems else 0

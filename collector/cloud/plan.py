@@ -1,7 +1,9 @@
 """Which EcoFlow cloud sources to run, decided from the credentials present.
 
 - Developer keys (ECOFLOW_ACCESS_KEY + ECOFLOW_SECRET_KEY): `open_mqtt` (live pushes) and
-  `rest` (device list for liveness, and a full `quota/all` snapshot every COLLECTING_INTERVAL).
+  `rest` (the device list with EcoFlow's online flag, and `quota/all` every COLLECTING_INTERVAL
+  for each station whose pushes are not fresh: the failover of docs/ecoflow-cloud-liveness.md;
+  ECOFLOW_REST_POLL=always polls every station regardless).
 - App login (ECOFLOW_ACCOUNT_USER + ECOFLOW_ACCOUNT_PASSWORD): `app_mqtt`.
 - ECOFLOW_SOURCES overrides the choice; it must not ask for a source whose credentials are
   missing.
@@ -10,9 +12,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from collector.settings import CollectorSettings
 from servicekit.settings import SettingsError
+
+if TYPE_CHECKING:  # collector.settings imports this module: no import back at run time
+    from collector.settings import CollectorSettings
 
 DEFAULT_OPEN_HOST = "api-e.ecoflow.com"
 DEFAULT_APP_HOST = "api.ecoflow.com"

@@ -3,6 +3,13 @@
 At-least-once: QoS 1, a fixed client id, a persistent session, and manual acks sent only
 after the rows a message produced are committed. Messages not yet acked when the collector
 dies are redelivered by the broker; the table's uniqueness makes the redelivery harmless.
+
+A message without a device time is stored at its receive time, so its redelivery would become
+a second reading at a second, made-up time (issue 15 item 8). `Redeliveries` remembers the
+receive time of recent QoS 1 messages by topic and payload; a message the broker marks as a
+redelivery (the MQTT DUP flag) gets its original's receive time, so it is the same reading
+again and the writer skips it. A message that merely repeats an earlier payload without the
+DUP flag is a new reading (devices repeat themselves).
 """
 
 from __future__ import annotations
@@ -10,7 +17,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
+from datetime import datetime, timezone
 
 import paho.mqtt.client as mqtt
 
@@ -29,6 +37,7 @@ def receive_window(batch_rows: int) -> int:
 
 class BridgeSource:
     name = "bridge"
+    liveness = None  # collector.sources.liveness.Liveness, told when the connection comes and goes
 
     def __init__(self, pipeline: Pipeline, host: str, port: int, topics: list[str],
                  client_id: str, user: str | None = None, password: str | None = None,
@@ -49,6 +58,7 @@ class BridgeSource:
         # (connection generation, message id) of committed messages, acknowledged together
         # once the writer has run a batch's callbacks.
         self._committed: deque[tuple[int, int]] = deque()
+        self.redeliveries = Redeliveries()
         pipeline.writer.after_acks(self._send_acks)
 
     def start(self) -> None:
@@ -73,10 +83,14 @@ class BridgeSource:
         self._generation += 1
         client.subscribe([(t, 1) for t in self.topics])
         self.connected.set()
+        if self.liveness is not None:
+            self.liveness.set_connected(self.source_label, True)
         log.info("bridge source: connected to %s:%d", self.host, self.port)
 
     def _on_disconnect(self, _client, _userdata, _flags, reason, _props) -> None:
         self.connected.clear()
+        if self.liveness is not None:
+            self.liveness.set_connected(self.source_label, False)
         if reason.value != 0:
             log.warning("bridge source: disconnected (%s); reconnecting", reason)
 
@@ -86,7 +100,8 @@ class BridgeSource:
             hand_over(self, client, msg, label)
             return
         self.pipeline.handle(msg.payload, msg.topic, label,
-                             on_commit=_Committed(self._committed, self._generation, msg.mid))
+                             on_commit=_Committed(self._committed, self._generation, msg.mid),
+                             received_at=self.redeliveries.received_at(msg))
 
     def _send_acks(self) -> None:
         """Acknowledge every message committed so far that came on the current connection."""
@@ -107,12 +122,43 @@ def hand_over(source, client: mqtt.Client, msg: mqtt.MQTTMessage, label: str) ->
     and the broker redelivers the original.
     """
     mid, qos, generation = msg.mid, msg.qos, source._generation
+    redeliveries = getattr(source, "redeliveries", None)
+    if redeliveries is None:
+        redeliveries = source.redeliveries = Redeliveries()
 
     def ack() -> None:
         if qos > 0 and generation == source._generation and source.connected.is_set():
             client.ack(mid, qos)
 
-    return source.pipeline.handle(msg.payload, msg.topic, label, on_commit=ack)
+    return source.pipeline.handle(msg.payload, msg.topic, label, on_commit=ack,
+                                  received_at=redeliveries.received_at(msg))
+
+
+class Redeliveries:
+    """Receive times of the last `size` QoS 1 messages by (topic, payload): a message with the
+    DUP flag whose original is among them is given the original's receive time."""
+
+    def __init__(self, size: int = 20_000):
+        self.size = size
+        self.matched = 0  # redeliveries recognised
+        self._times: OrderedDict[tuple[str, int, int], datetime] = OrderedDict()
+
+    def received_at(self, msg: mqtt.MQTTMessage) -> datetime:
+        now = datetime.now(timezone.utc)
+        if not msg.qos:
+            return now  # QoS 0 is never redelivered
+        payload = msg.payload
+        key = (msg.topic, len(payload), hash(payload))
+        if msg.dup:
+            first = self._times.get(key)
+            if first is not None:
+                self.matched += 1
+                return first
+        self._times[key] = now
+        self._times.move_to_end(key)
+        if len(self._times) > self.size:
+            self._times.popitem(last=False)
+        return now
 
 
 def _label(msg: mqtt.MQTTMessage, default: str) -> str:
