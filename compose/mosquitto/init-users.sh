@@ -44,8 +44,8 @@ add() {
         '' | *:* | *' '*) fail "$3: user name '$1' is empty or holds ':' or a space" ;;
     esac
     if [ -z "$2" ]; then
-        echo "mosquitto-users: $3 is empty: user $1 not created (profiles bridge and demo" \
-             "need it)" >&2
+        echo "mosquitto-users: $3 is empty: user $1 not created (profiles bridge, demo and" \
+             "ha need it)" >&2
         return 0
     fi
     printf '%s\n%s\n' "$2" "$2" | mosquitto_passwd "$work" "$1" > /dev/null \
@@ -58,6 +58,8 @@ add "${POLICY_MQTT_USER:-policy}" "${POLICY_MQTT_PASS:-}" POLICY_MQTT_PASS
 add "${COLLECTOR_MQTT_USER:-collector}" "${COLLECTOR_MQTT_PASS:-}" COLLECTOR_MQTT_PASS
 add "${BRIDGE_MQTT_USER:-bridge}" "${BRIDGE_MQTT_PASS:-}" BRIDGE_MQTT_PASS
 add "${DEMO_AGENT_ID:-demo-host}" "${DEMO_AGENT_MQTT_PASS:-}" DEMO_AGENT_MQTT_PASS
+add "${HA_MQTT_USER:-ecoflow-ha}" "${HA_MQTT_PASS:-}" HA_MQTT_PASS
+add "${HOMEASSISTANT_MQTT_USER:-homeassistant}" "${HOMEASSISTANT_MQTT_PASS:-}" HOMEASSISTANT_MQTT_PASS
 
 # The broker runs as uid 1883 and must read the file; nobody else may.
 if [ "$(id -u)" = 0 ]; then

@@ -1,0 +1,1 @@
+"""Home Assistant MQTT discovery: stations and agents as HA devices, with energy counters."""

@@ -1,0 +1,5 @@
+import sys
+
+from hadiscovery.cli import main
+
+sys.exit(main())
