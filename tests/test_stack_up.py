@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "stack-up"
 SECRETS = ("POSTGRES_PASSWORD", "POSTGRES_READONLY_PASSWORD", "GRAFANA_ADMIN_PASSWORD",
            "COMMAND_SIGNING_KEY", "POLICY_MQTT_PASS", "COLLECTOR_MQTT_PASS", "BRIDGE_MQTT_PASS",
-           "DEMO_AGENT_MQTT_PASS")
+           "DEMO_AGENT_MQTT_PASS", "HA_MQTT_PASS", "HOMEASSISTANT_MQTT_PASS")
 
 
 @pytest.fixture
@@ -76,7 +76,17 @@ def test_a_second_run_changes_no_value_and_keeps_other_broker_users(compose_dir)
     assert run(compose_dir).returncode == 0
     assert env_values(compose_dir / ".env") == first
     users = [line.split(":")[0] for line in passwd.read_text().splitlines()]
-    assert sorted(users) == ["bridge", "collector", "demo-host", "nas-01", "policy"]
+    assert sorted(users) == ["bridge", "collector", "demo-host", "ecoflow-ha", "homeassistant",
+                             "nas-01", "policy"]
+
+
+def test_every_broker_password_the_stack_reads_is_generated(compose_dir):
+    """A password variable .env.example leaves empty and the init step needs must be filled by
+    stack-up, or its profile starts with a broker user nobody can log in as."""
+    assert run(compose_dir).returncode == 0
+    values = env_values(compose_dir / ".env")
+    empty = [name for name, value in values.items() if name.endswith("_MQTT_PASS") and not value]
+    assert not empty
 
 
 def test_the_ecoflow_profile_needs_credentials(compose_dir):
