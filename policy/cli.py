@@ -13,6 +13,7 @@ from datetime import datetime
 import psycopg
 
 from policy import topology
+from policy.metrics import PolicyMetrics
 from policy.mqttlink import MqttLink
 from policy.notify import Notifier
 from policy.plan import print_plan
@@ -21,6 +22,7 @@ from policy.rules import agent_views, supply_rows
 from policy.settings import load_database_settings, load_settings
 from policy.worker import Worker, rows_as_dicts, serve
 from servicekit import logging as logsetup
+from servicekit.clock_skew import station_skews
 
 log = logging.getLogger("ecoflow.policy")
 
@@ -98,6 +100,9 @@ def run(db_url: str, settings, retention_days: int = 0) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    # Served from the start: while the database is away the evaluations stop, and say so.
+    metrics = PolicyMetrics(prefix=settings.metrics_prefix)
+    metrics.serve(settings.metrics_port)
     topo = _sync_when_database_is_up(db_url, settings, stop)
     if topo is None:
         return 0
@@ -108,7 +113,7 @@ def run(db_url: str, settings, retention_days: int = 0) -> int:
     link.start()
     try:
         serve(db_url, settings, link, Notifier.from_settings(settings), stop,
-              retention_days=retention_days)
+              retention_days=retention_days, metrics=metrics)
     finally:
         link.stop()
     return 0
@@ -140,12 +145,16 @@ def status(conn, settings) -> int:
     views = agent_views(supply_rows(conn, conn.execute("SELECT now()").fetchone()[0],
                                     settings.rule_params()))
     stations = {s["device_sn"]: s for v in views for s in v.supplies}
+    # Device clock minus receipt, the median over recent readings (servicekit.clock_skew).
+    skews = {r["device_sn"]: r["skew_sec"] for r in station_skews(conn)}
     _table([{"station": s["device_name"] or sn, "freshness": s["freshness"],
              "grid": {True: "on", False: "OFF", None: "?"}[s["grid_on"]],
              "soc_min": _num(s["soc"]), "runtime_min": _num(s["runtime_left_min"]),
-             "age_s": _num(s["age_sec"], 0), "episode": s["episode_id"] or ""}
+             "age_s": _num(s["age_sec"], 0), "clock_skew_s": _num(skews.get(sn), 0),
+             "episode": s["episode_id"] or ""}
             for sn, s in sorted(stations.items())],
-           ("station", "freshness", "grid", "soc_min", "runtime_min", "age_s", "episode"))
+           ("station", "freshness", "grid", "soc_min", "runtime_min", "age_s", "clock_skew_s",
+            "episode"))
     print()
     online = dict(conn.execute("SELECT agent_id, online FROM agent_status").fetchall())
     _table([{"agent": v.agent_id, "tier": v.tier,

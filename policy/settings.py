@@ -43,6 +43,11 @@ ENV_NAMES = {
     "notify_on_agent": "NOTIFY_ON_AGENT",
     "notify_repeat_sec": "NOTIFY_REPEAT_SEC",
     "alert_low_soc_on_grid": "POLICY_ALERT_LOW_SOC_ON_GRID",
+    "wol_dry_run": "POLICY_WOL_DRY_RUN",
+    "wol_packets": "POLICY_WOL_PACKETS",
+    "wol_gap_sec": "POLICY_WOL_GAP_SEC",
+    "metrics_port": "POLICY_METRICS_PORT",
+    "metrics_prefix": "METRICS_PREFIX",
 }
 
 
@@ -72,6 +77,14 @@ class PolicySettings(BaseSettings):
     config_file: Path | None = Field(default=None, **_env("config_file"))
     device_to_agents_json: str = Field(default="", **_env("device_to_agents_json"))
     alert_low_soc_on_grid: bool = Field(default=False, **_env("alert_low_soc_on_grid"))
+    # Wake-on-LAN after power returns (docs/wake-on-lan.md): dry run records, sends nothing.
+    wol_dry_run: bool = Field(default=False, **_env("wol_dry_run"))
+    wol_packets: int = Field(default=3, ge=1, le=10, **_env("wol_packets"))
+    wol_gap_sec: float = Field(default=1.0, ge=0, le=10, **_env("wol_gap_sec"))
+    # Prometheus /metrics of the worker (docs/prometheus.md); 0 turns it off.
+    metrics_port: int = Field(default=9091, ge=0, le=65535, **_env("metrics_port"))
+    metrics_prefix: str = Field(default="ecoflow", pattern=r"^[a-zA-Z_][a-zA-Z0-9_]*$",
+                                **_env("metrics_prefix"))
 
     signing_key: SecretStr | None = Field(default=None, **_env("signing_key"))
 

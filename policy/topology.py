@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psycopg
 
+from policy import wol
 from policy.settings import PolicySettings
 from servicekit.settings import SettingsError
 
@@ -22,8 +23,12 @@ SERIAL = re.compile(r"^[A-Z0-9]{8,32}$")
 
 AGENT_KEYS = {
     "supplies", "name", "tier", "min_supplies", "soc_threshold", "runtime_threshold_min",
-    "shutdown_delay_sec", "max_on_battery_sec", "enabled",
+    "shutdown_delay_sec", "max_on_battery_sec", "enabled", "kind", "ups",
 }
+AGENT_KEYS |= set(wol.WOL_KEYS)  # Wake-on-LAN after power returns (policy/wol.py)
+AGENT_KINDS = ("mqtt", "nut")
+# A NUT UPS name as upsd takes it in ups.conf and on the command line (ups@host).
+NUT_UPS_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 DEVICE_KEYS = {"name", "model", "site", "capacity_wh", "stale_after_sec", "dead_after_sec"}
 
 
@@ -39,6 +44,12 @@ class AgentConfig:
     shutdown_delay_sec: int | None = None
     max_on_battery_sec: int | None = None
     enabled: bool = True
+    kind: str = "mqtt"  # "nut": a NUT client of ecoflow-nut (docs/nut-server.md)
+    ups: str | None = None  # kind nut: the UPS name it watches
+    mac: str | None = None  # Wake-on-LAN (policy/wol.py, docs/wake-on-lan.md)
+    wol_broadcast: str | None = None
+    wol_port: int | None = None
+    restart_soc: float | None = None
 
 
 @dataclass
@@ -127,8 +138,16 @@ def build(settings: PolicySettings, known: dict[str, str | None]) -> Topology:
         for key, value in attrs.items():
             setattr(agent, key, value)
 
+    watched: dict[str, str] = {}
     for agent in agents.values():
         _check_agent(agent)
+        if agent.kind == "nut":
+            if agent.ups in watched:
+                raise SettingsError(
+                    f"{where}: agents {watched[agent.ups]} and {agent.agent_id} both watch NUT "
+                    f"UPS {agent.ups!r}: FSD on a UPS reaches every client of it, so give each "
+                    "agent its own UPS name (NUT_UPS_JSON may serve a station under several)")
+            watched[agent.ups] = agent.agent_id
         for sn in agent.supplies:
             devices.setdefault(sn, {"stale_after_sec": 120, "dead_after_sec": 600})
     for what, ref in unseen:
@@ -179,6 +198,15 @@ def _check_agent(a: AgentConfig) -> None:
                                 f"range: expected {expected}")
     if not isinstance(a.tier, int) or isinstance(a.tier, bool):
         raise SettingsError(f"POLICY_CONFIG_FILE: {where}: tier must be an integer")
+    if a.kind not in AGENT_KINDS:
+        raise SettingsError(f"POLICY_CONFIG_FILE: {where}: kind = {a.kind!r}: expected one of "
+                            f"{', '.join(AGENT_KINDS)}")
+    if a.kind == "nut" and not (isinstance(a.ups, str) and NUT_UPS_NAME.match(a.ups)):
+        raise SettingsError(f"POLICY_CONFIG_FILE: {where}: kind nut needs 'ups', the NUT UPS "
+                            "name its clients watch (letters, digits, '_', '.', '-'), e.g. ups")
+    if a.kind != "nut" and a.ups is not None:
+        raise SettingsError(f"POLICY_CONFIG_FILE: {where}: 'ups' is only for kind: nut")
+    wol.check(a.agent_id, {k: getattr(a, k) for k in wol.WOL_KEYS})
 
 
 def sync(conn: psycopg.Connection, settings: PolicySettings) -> Topology:
@@ -210,10 +238,10 @@ def sync(conn: psycopg.Connection, settings: PolicySettings) -> Topology:
             conn.execute(
                 """INSERT INTO agents (agent_id, name, tier, min_supplies, soc_threshold,
                                        runtime_threshold_min, shutdown_delay_sec,
-                                       max_on_battery_sec, enabled)
+                                       max_on_battery_sec, enabled, kind, nut_ups)
                    VALUES (%(agent_id)s, %(name)s, %(tier)s, %(min_supplies)s, %(soc_threshold)s,
                            %(runtime_threshold_min)s, %(shutdown_delay_sec)s,
-                           %(max_on_battery_sec)s, %(enabled)s)
+                           %(max_on_battery_sec)s, %(enabled)s, %(kind)s, %(ups)s)
                    ON CONFLICT (agent_id) DO UPDATE SET
                        name = EXCLUDED.name, tier = EXCLUDED.tier,
                        min_supplies = EXCLUDED.min_supplies,
@@ -221,7 +249,8 @@ def sync(conn: psycopg.Connection, settings: PolicySettings) -> Topology:
                        runtime_threshold_min = EXCLUDED.runtime_threshold_min,
                        shutdown_delay_sec = EXCLUDED.shutdown_delay_sec,
                        max_on_battery_sec = EXCLUDED.max_on_battery_sec,
-                       enabled = EXCLUDED.enabled, updated_at = now()""",
+                       enabled = EXCLUDED.enabled, kind = EXCLUDED.kind,
+                       nut_ups = EXCLUDED.nut_ups, updated_at = now()""",
                 vars(a),
             )
             conn.execute("DELETE FROM agent_supplies WHERE agent_id = %s", (a.agent_id,))

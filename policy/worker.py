@@ -18,8 +18,10 @@ from psycopg.types.json import Jsonb
 
 from policy.commands import Command, clean_reason
 from policy.mqttlink import Incoming, MqttLink
+from policy.nutagents import NOT_NUT, take_reports
 from policy.rules import AgentView, agent_views, supply_rows, trigger_reason
 from policy.settings import PolicySettings
+from policy.wol import WakeOnLan
 
 log = logging.getLogger("ecoflow.policy")
 
@@ -85,6 +87,7 @@ SELECT id, agent_id, action, episode_id, payload, expires_at, send_count
   FROM commands
  WHERE status IN ('pending', 'sent') AND ack_status IS NULL
    AND expires_at > %(now)s
+   AND """ + NOT_NUT + """
    AND (last_sent_at IS NULL OR last_sent_at <= %(now)s - make_interval(secs => %(resend_sec)s))
  ORDER BY issued_at
 """
@@ -144,13 +147,17 @@ class Worker:
     so tests and replay drive it with their own clock."""
 
     def __init__(self, conn: psycopg.Connection, settings: PolicySettings,
-                 link: MqttLink | None = None, notifier=None):
+                 link: MqttLink | None = None, notifier=None, metrics=None):
         self.conn = conn
+        self.metrics = metrics  # policy.metrics.PolicyMetrics, or None
         self.settings = settings
         self.link = link
         self.notifier = notifier
         self._key = settings.signing_key.get_secret_value() if settings.signing_key else None
         self.params = settings.rule_params()
+        # S11: reads and checks the MACs of the policy file. Without a link (replay) it
+        # only records what it would send.
+        self.wol = WakeOnLan(settings, send=link is not None)
         self._supply_sent: dict[str, bool] = {}
         self._supply_connection = -1
 
@@ -159,14 +166,19 @@ class Worker:
         return self.conn.execute("SELECT now()").fetchone()[0]
 
     def step(self, now: datetime | None = None) -> list[AgentView]:
+        started = time.monotonic()
         now = now or self.db_now()
         self.handle_incoming(now)
+        self.handle_nut_reports(now)
         views = agent_views(supply_rows(self.conn, now, self.params))
         self.track_conditions(views, now)
         for view in views:
             self.decide(view, now)
         self.deliver(now)
         self.publish_supply(views, now)
+        self.wol.step(self, views, now)  # last: its packets are a second apart
+        if self.metrics is not None:
+            self.metrics.evaluated(self.conn, started)
         return views
 
     def publish_supply(self, views: list[AgentView], now: datetime) -> None:
@@ -389,6 +401,14 @@ class Worker:
             else:
                 self.record_status(msg, now)
 
+    def handle_nut_reports(self, now: datetime) -> None:
+        """Acks and liveness of `nut` agents, seen by the NUT server (policy/nutagents.py)."""
+        for msg in take_reports(self.conn):
+            if msg.kind == "ack":
+                self.record_ack(msg, now)
+            else:
+                self.record_status(msg, now)
+
     def record_ack(self, msg: Incoming, now: datetime) -> None:
         ack = msg.payload or {}
         status = ack.get("status")
@@ -572,6 +592,8 @@ class Worker:
 
     def event(self, ts: datetime, kind: str, *, device_sn=None, agent_id=None, episode_id=None,
               command_id=None, trigger=None, message=None, details=None) -> None:
+        if self.metrics is not None:
+            self.metrics.event(kind)
         self.conn.execute(INSERT_EVENT, {
             "ts": ts, "kind": kind, "device_sn": device_sn, "agent_id": agent_id,
             "episode_id": episode_id, "command_id": command_id, "trigger": trigger,
@@ -597,7 +619,7 @@ def _jsonable(value):
 
 
 def serve(db_url: str, settings: PolicySettings, link: MqttLink, notifier=None,
-          stop: threading.Event | None = None, retention_days: int = 0) -> None:
+          stop: threading.Event | None = None, retention_days: int = 0, metrics=None) -> None:
     """Evaluate every POLICY_INTERVAL_SEC and at once when new readings are committed."""
     stop = stop or threading.Event()
     threading.Thread(target=refresh_summaries, args=(db_url, stop), name="summaries",
@@ -607,7 +629,7 @@ def serve(db_url: str, settings: PolicySettings, link: MqttLink, notifier=None,
             with psycopg.connect(db_url, autocommit=True) as conn, \
                     psycopg.connect(db_url, autocommit=True) as listener:
                 listener.execute(f"LISTEN {READINGS_CHANNEL}")
-                worker = Worker(conn, settings, link, notifier)
+                worker = Worker(conn, settings, link, notifier, metrics)
                 senders: dict[int, bool] = {}
                 while not stop.is_set():
                     worker.step()
