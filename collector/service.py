@@ -12,6 +12,7 @@ from collector.metrics import Metrics
 from collector.pipeline import Pipeline
 from collector.settings import CollectorSettings
 from collector.sources.bridge import BridgeSource
+from collector.sources.liveness import Liveness
 from collector.sources.nut import NutSource
 from collector.sources.simulator import Simulator, default_stations
 from collector.writer import Writer
@@ -33,10 +34,16 @@ class Collector:
             register_secret(secret)
         self.settings = settings
         self.db = db
-        self.metrics = Metrics()
+        self.metrics = Metrics(prefix=settings.metrics_prefix,
+                               name_overrides=settings.metrics_names)
         self.writer = Writer(db.libpq_url(), batch_rows=settings.batch_rows,
                              flush_interval=settings.flush_interval_sec,
                              max_buffer=settings.max_buffer_rows, metrics=self.metrics)
+        # Per station and source: age of the newest reading, expected cadence, state.
+        self.liveness = Liveness(settings.liveness_quiet_periods,
+                                 settings.liveness_stale_periods,
+                                 default_period=settings.bridge_period_sec)
+        self.metrics.attach_liveness(self.liveness)
         self.pipeline = Pipeline(self.writer, metrics=self.metrics,
                                  state_interval=settings.state_interval_sec)
         self.sources: list = []
@@ -45,6 +52,9 @@ class Collector:
     def start(self) -> None:
         s = self.settings
         self._load_names()
+        if s.exporter_port:
+            # Stations silent since before this start still get their series (online 0).
+            self.metrics.load_from_database(self.db.libpq_url())
         self.writer.start()
         # The bridge subscription also consumes the simulator, which publishes like a bridge.
         if {"bridge", "simulator"} & set(s.source_list):
@@ -52,20 +62,25 @@ class Collector:
                                   s.client_id, s.mqtt_user, s.mqtt_pass, s.mqtt_tls_ca)
             if s.publish_state:
                 self.pipeline.publish_states(bridge.publish_state)
+            bridge.liveness = self.liveness
+            self.liveness.expect("bridge", s.bridge_period_sec)
             self.sources.append(bridge)
         if "simulator" in s.source_list:
+            self.liveness.expect("simulator", s.simulator_interval_sec)
             self.sources.append(Simulator(
                 default_stations(s.simulator_scenario), s.mqtt_host, s.mqtt_port,
                 s.simulator_interval_sec, s.simulator_accel, s.mqtt_user, s.mqtt_pass,
                 client_id=f"{s.client_id}-simulator"))
         if "nut" in s.source_list:
+            self.liveness.expect("nut", s.nut_poll_sec)
             self.sources.append(NutSource(self.pipeline, s.nut_host, s.nut_port, s.nut_ups,
                                           s.nut_poll_sec, s.nut_device_sn, s.nut_user,
                                           s.nut_password))
         if "ecoflow" in s.source_list:
-            from collector.cloud.wiring import cloud_sources
+            from collector.sources.ecoflow import cloud_sources
 
-            self.sources += cloud_sources(s, self.db.libpq_url(), self.pipeline, self.metrics)
+            self.sources += cloud_sources(s, self.db.libpq_url(), self.pipeline, self.metrics,
+                                          self.liveness)
         for source in self.sources:
             source.start()
         self.metrics.serve(s.exporter_port)
@@ -86,6 +101,7 @@ class Collector:
         self.start()
         while not self._stop.wait(5):
             self.metrics.refresh()
+            self.liveness.log_changes()
         self.stop()
 
     def stop(self) -> None:

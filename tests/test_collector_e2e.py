@@ -297,7 +297,7 @@ def test_metrics_endpoint_exposes_device_gauges_and_health(db_url, mqtt_broker):
     finally:
         c.stop()
     assert f'ecoflow_soc_percent{{device="{SN}"}} 66.0' in body
-    assert f'ecoflow_watts_out{{device="{SN}"}} 120.0' in body
+    assert f'ecoflow_output_watts{{device="{SN}"}} 120.0' in body
     assert 'ecoflow_collector_messages_failed_total{source="bridge"} 1.0' in body
     assert "ecoflow_collector_rows_written_total 3.0" in body
     assert f'ecoflow_seconds_since_last_reading{{device="{SN}"}}' in body

@@ -30,6 +30,7 @@ PROFILES = {
     "ecoflow": {"collector"},
     "bridge": {"bridge-collector"},
     "demo": {"simulator", "demo-collector", "demo-agent"},
+    "metrics": {"prometheus"},
 }
 # Interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}.
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Z][A-Z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -114,6 +115,8 @@ def test_images_are_pinned(compose, env_example):
     assert env_example["MOSQUITTO_TAG"] == "2"
     assert services["grafana"]["image"].startswith("grafana/grafana:")
     assert re.fullmatch(r"1[12]\.\d+\.\d+", env_example["GRAFANA_TAG"])
+    assert services["prometheus"]["image"].startswith("prom/prometheus:")
+    assert re.fullmatch(r"v2\.\d+\.\d+", env_example["PROMETHEUS_TAG"])
 
 
 def test_the_stacks_own_services_run_from_one_image_as_a_non_root_user(compose):
@@ -128,7 +131,8 @@ def test_the_stacks_own_services_run_from_one_image_as_a_non_root_user(compose):
             assert svc["user"] == "10001:10001", name
             images.add(svc["image"])
         else:
-            assert name in {"timescaledb", "mosquitto-users", "mosquitto", "grafana"}, name
+            assert name in {"timescaledb", "mosquitto-users", "mosquitto", "grafana",
+                            "prometheus"}, name
     assert len(images) == 1
     # Images that drop root themselves (TimescaleDB runs postgres as its own user); the
     # others are told which user to be.

@@ -5,7 +5,7 @@ Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-24
 
-How it works (README.md, "Database", says it for users):
+How it works (docs/schema.md, "Summaries", says it for users):
 
 * `ecoflow_summary_1m` / `ecoflow_summary_1h` hold, per device, minute (hour) and source, the
   partial aggregates of the readings: sums and counts for averages, minima and maxima, and the
