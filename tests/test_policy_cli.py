@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -151,6 +152,27 @@ def _wait_for_line(proc: subprocess.Popen, lines: list[str], text: str, timeout:
     raise AssertionError(f"no line with {text!r}:\n{''.join(lines)}")
 
 
+@contextlib.contextmanager
+def worker_process(database_url: str, mqtt_broker=None):
+    """`python -m policy` against `database_url`; yields (process, lines read so far). On the
+    way out it is killed if still running, and its whole output must hold no traceback."""
+    env = dict(os.environ, DATABASE_URL=database_url, LOG_LEVEL="INFO")
+    if mqtt_broker is not None:
+        env.update(MQTT_HOST=mqtt_broker.host, MQTT_PORT=str(mqtt_broker.port),
+                   DEVICE_TO_AGENTS_JSON=json.dumps({SN: ["nas-01"]}), POLICY_INTERVAL_SEC="0.5")
+    proc = subprocess.Popen([sys.executable, "-m", "policy"], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    try:
+        yield proc, lines
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "".join(lines) + proc.stderr.read() + proc.stdout.read()
+    assert "Traceback" not in output, output
+
+
 def test_worker_started_before_the_database_waits_for_it_and_stops_on_sigterm(db_url,
                                                                              mqtt_broker):
     """Compose started the policy worker before PostgreSQL accepted connections: it died with
@@ -161,70 +183,37 @@ def test_worker_started_before_the_database_waits_for_it_and_stops_on_sigterm(db
     netloc = parts.netloc.rpartition("@")
     url = urlunsplit(parts._replace(
         netloc=f"{netloc[0]}{netloc[1]}127.0.0.1:{forwarder.port}"))
-    env = dict(os.environ, DATABASE_URL=url, MQTT_HOST=mqtt_broker.host,
-               MQTT_PORT=str(mqtt_broker.port), DEVICE_TO_AGENTS_JSON=json.dumps({SN: ["nas-01"]}),
-               POLICY_INTERVAL_SEC="0.5", LOG_LEVEL="INFO")
-    proc = subprocess.Popen([sys.executable, "-m", "policy"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    lines: list[str] = []
     try:
-        first = _wait_for_line(proc, lines, "database unavailable at start", 20)
-        assert "retrying" in first and "\n" == first[-1]
-        _wait_for_line(proc, lines, "database unavailable at start", 20)
-        assert proc.poll() is None
-        forwarder.open()
-        _wait_for_line(proc, lines, "1 agents on 1 stations", 40)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+        with worker_process(url, mqtt_broker) as (proc, lines):
+            first = _wait_for_line(proc, lines, "database unavailable at start", 20)
+            assert "retrying" in first and "\n" == first[-1]
+            _wait_for_line(proc, lines, "database unavailable at start", 20)
+            assert proc.poll() is None
+            forwarder.open()
+            _wait_for_line(proc, lines, "1 agents on 1 stations", 40)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         forwarder.close()
-    output = "".join(lines) + proc.stderr.read() + proc.stdout.read()
-    assert "Traceback" not in output, output
 
 
 def test_sigterm_while_waiting_for_the_database_ends_the_worker_cleanly():
-    env = dict(os.environ, DATABASE_URL=f"postgresql://u:pw@127.0.0.1:{free_port()}/db",
-               LOG_LEVEL="INFO")
-    proc = subprocess.Popen([sys.executable, "-m", "policy"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    lines: list[str] = []
-    try:
+    with worker_process(f"postgresql://u:pw@127.0.0.1:{free_port()}/db") as (proc, lines):
         _wait_for_line(proc, lines, "database unavailable at start", 20)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    output = "".join(lines) + proc.stderr.read() + proc.stdout.read()
-    assert "Traceback" not in output, output
 
 
 def test_worker_started_before_the_migrations_waits_for_them(empty_db_url, mqtt_broker):
     """A native install started the worker before `ecoflow-migrate`: it died with a traceback
     about a missing table. It must name the command to run and go on once the schema is there."""
-    env = dict(os.environ, DATABASE_URL=empty_db_url, MQTT_HOST=mqtt_broker.host,
-               MQTT_PORT=str(mqtt_broker.port), DEVICE_TO_AGENTS_JSON=json.dumps({SN: ["nas-01"]}),
-               POLICY_INTERVAL_SEC="0.5", LOG_LEVEL="INFO")
-    proc = subprocess.Popen([sys.executable, "-m", "policy"], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    lines: list[str] = []
-    try:
+    with worker_process(empty_db_url, mqtt_broker) as (proc, lines):
         first = _wait_for_line(proc, lines, "no EcoFlow schema yet", 20)
         assert "ecoflow-migrate" in first and "retrying" in first
         upgrade(DatabaseSettings(database_url=empty_db_url), "head")
         _wait_for_line(proc, lines, "1 agents on 1 stations", 40)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    output = "".join(lines) + proc.stderr.read() + proc.stdout.read()
-    assert "Traceback" not in output, output
 
 
 @pytest.mark.parametrize("command", [["status"], ["explain"], ["plan"]])
