@@ -1,4 +1,11 @@
-"""A private PostgreSQL cluster: initdb into a temporary directory, start on a free port."""
+"""A private PostgreSQL cluster: initdb into a temporary directory, start on a free port.
+
+With TimescaleDB, the server runs under the license TEST_TIMESCALEDB_LICENSE names (its
+`timescaledb.license` setting): `apache` (the default: only the Apache-2 features, as a machine
+with the Apache build has) or `timescale` (the community edition: continuous aggregates,
+compression and retention policies), which needs TimescaleDB's TSL module installed beside the
+extension. See docs/database.md.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +19,27 @@ from pathlib import Path
 
 from testbed.ports import free_port
 
+LICENSE_ENV = "TEST_TIMESCALEDB_LICENSE"
+LICENSES = ("apache", "timescale")
+
 
 class PostgresNotFound(RuntimeError):
     pass
+
+
+class TimescaleLicenseUnavailable(RuntimeError):
+    """The requested TimescaleDB license cannot be had on this machine."""
+
+
+def requested_license(value: str | None = None) -> str:
+    """The TimescaleDB license the test servers run under: `value`, else TEST_TIMESCALEDB_LICENSE,
+    else `apache`."""
+    lic = (value if value is not None else os.environ.get(LICENSE_ENV, "")).strip().lower()
+    lic = lic or "apache"
+    if lic not in LICENSES:
+        raise TimescaleLicenseUnavailable(
+            f"{LICENSE_ENV}={lic!r}: expected one of {', '.join(LICENSES)} (default apache)")
+    return lic
 
 
 def find_bindir() -> Path:
@@ -34,24 +59,58 @@ def find_bindir() -> Path:
     return Path(candidates[-1]).parent
 
 
-def timescaledb_installed(bindir: Path) -> bool:
+def _pg_dir(bindir: Path, what: str, debian_default: str) -> Path:
     pg_config = bindir / "pg_config"
     if pg_config.exists():
-        sharedir = subprocess.run(
-            [str(pg_config), "--sharedir"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    else:  # Debian keeps pg_config in /usr/bin; fall back to the server's usual share dir
-        sharedir = f"/usr/share/postgresql/{bindir.parent.name}"
+        return Path(subprocess.run(
+            [str(pg_config), f"--{what}"], capture_output=True, text=True, check=True
+        ).stdout.strip())
+    # Debian keeps pg_config in /usr/bin; fall back to the server's usual directories
+    return Path(debian_default.format(major=bindir.parent.name))
+
+
+def timescaledb_installed(bindir: Path) -> bool:
+    sharedir = _pg_dir(bindir, "sharedir", "/usr/share/postgresql/{major}")
     return Path(sharedir, "extension", "timescaledb.control").exists()
+
+
+def timescaledb_version(bindir: Path) -> str | None:
+    """The version CREATE EXTENSION timescaledb installs (its control file's default_version)."""
+    control = _pg_dir(bindir, "sharedir", "/usr/share/postgresql/{major}") / "extension" / \
+        "timescaledb.control"
+    if not control.exists():
+        return None
+    for line in control.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "default_version":
+            return value.strip().strip("'\"")
+    return None
+
+
+def tsl_module(bindir: Path) -> Path:
+    """Where TimescaleDB's TSL module (the community edition's features) must be for the
+    installed version; the Apache build has none."""
+    libdir = _pg_dir(bindir, "pkglibdir", "/usr/lib/postgresql/{major}/lib")
+    return libdir / f"timescaledb-tsl-{timescaledb_version(bindir)}.so"
 
 
 class PostgresServer:
     """One throwaway cluster. Use as a context manager, or call start() and stop()."""
 
     def __init__(self, timescaledb: bool = True, bindir: Path | None = None, base: str | None = None,
-                 durable: bool = False):
+                 durable: bool = False, license: str | None = None):
         self.bindir = bindir or find_bindir()
         self.timescaledb = timescaledb and timescaledb_installed(self.bindir)
+        # Set explicitly either way: a full (TSL) build defaults to `timescale`, the Apache
+        # build to `apache`; the tests must not depend on which build the machine has.
+        self.license = requested_license(license) if self.timescaledb else None
+        if self.license == "timescale" and not tsl_module(self.bindir).exists():
+            raise TimescaleLicenseUnavailable(
+                f"{LICENSE_ENV}=timescale asks for TimescaleDB's community edition, but its TSL"
+                f" module {tsl_module(self.bindir)} is not installed (this machine has the"
+                " Apache-only build). Install the community build of the same version"
+                " (docs/database.md), point TEST_DATABASE_URL at a community server, or unset"
+                f" {LICENSE_ENV}.")
         # Tests trade durability for speed; benchmarks keep PostgreSQL's defaults so that
         # per-commit costs are what a real installation pays.
         self.durable = durable
@@ -123,6 +182,7 @@ class PostgresServer:
             conf += [
                 "shared_preload_libraries = 'timescaledb'",
                 "timescaledb.telemetry_level = off",
+                f"timescaledb.license = '{self.license}'",
                 "timescaledb.max_background_workers = 8",
                 "max_worker_processes = 16",
             ]

@@ -25,6 +25,7 @@ from tests.services import (
     start_plain_database_server,
     start_secure_mqtt_broker,
 )
+from tests.timescale_jobs import pause_in_template
 
 
 @pytest.fixture(scope="session")
@@ -43,8 +44,12 @@ def plain_pg_server() -> DatabaseServer:
 
 @pytest.fixture(scope="session")
 def migrated_template(pg_server: DatabaseServer) -> str:
-    """A database migrated to head once per session; tests get clones of it."""
-    return pg_server.make_template()
+    """A database migrated to head once per session; tests get clones of it, with TimescaleDB's
+    background jobs unscheduled (tests/timescale_jobs.py: tests run them explicitly)."""
+    name = pg_server.make_template()
+    if pg_server.timescaledb:
+        pause_in_template(pg_server.admin_url, pg_server.url(name), name)
+    return name
 
 
 @pytest.fixture
@@ -93,7 +98,8 @@ def secure_mqtt_broker() -> SecureMqttBroker:
 
 def pytest_report_header(config):
     lines = []
-    for var in ("TEST_DATABASE_URL", "TEST_MQTT_URL", "REQUIRE_TIMESCALEDB"):
+    for var in ("TEST_DATABASE_URL", "TEST_MQTT_URL", "REQUIRE_TIMESCALEDB",
+                "TEST_TIMESCALEDB_LICENSE"):
         if os.environ.get(var):
             lines.append(f"{var} is set")
     return lines

@@ -14,6 +14,7 @@ from sqlalchemy import create_engine, pool
 
 from servicekit import dbsetup
 from servicekit.migrate import downgrade, upgrade
+from tests.timescale_jobs import community, pause_all, run_jobs
 
 REPO = Path(__file__).resolve().parent.parent
 OBJECTS = {
@@ -144,3 +145,56 @@ def test_retention_removes_old_readings_now_without_a_policy_job(db_url, db):
         engine.dispose()
     assert "older than 30 days" in message
     assert db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (1,)
+
+
+MONTH_OF_READINGS = """
+INSERT INTO ecoflow_measurements (ts, device_sn, soc_percent, watts_in_sum, source, raw_data)
+SELECT ts, 'SN1', 80, 300, 'rest', '{}'
+  FROM generate_series(date_bin('1 minute', now(), TIMESTAMPTZ '2000-01-01')
+                       - interval '30 days', now() - interval '2 minutes', interval '1 minute') ts
+"""
+
+
+def test_upgrading_a_community_database_materializes_the_rollups_whole_history(pg_server):
+    # Issue #16: 0001's refresh policies looked back 2 hours (1-minute rollup) and 3 days
+    # (1-hour rollup) over rollups created WITH NO DATA, so a user's history was missing from
+    # them. 0007 widens the policies to the whole history and materializes it on upgrade.
+    name = f"cagg_{uuid.uuid4().hex[:10]}"
+    pg_server.create_database(name)
+    try:
+        settings, url = pg_server.settings(name), pg_server.url(name)
+        upgrade(settings, "0006")
+        with psycopg.connect(url, autocommit=True) as conn:
+            if not community(conn):
+                pytest.skip("continuous aggregates need the community edition"
+                            " (TEST_TIMESCALEDB_LICENSE=timescale)")
+            pause_all(conn)
+            conn.execute(MONTH_OF_READINGS)
+            readings = conn.execute("SELECT count(*) FROM ecoflow_measurements").fetchone()[0]
+            run_jobs(conn, "policy_refresh_continuous_aggregate")  # as a user's server did
+            before = conn.execute("SELECT count(*) FROM ecoflow_rollup_1m").fetchone()[0]
+            assert before < 3 * 60  # the bug: the last two hours only
+        upgrade(settings)
+        with psycopg.connect(url, autocommit=True) as conn:
+            pause_all(conn)  # what follows is the migration's doing, not a job's
+            assert conn.execute("SELECT count(*), sum(readings) FROM ecoflow_rollup_1m"
+                                ).fetchone() == (readings, readings)
+            assert conn.execute("SELECT sum(readings) FROM ecoflow_rollup_1h"
+                                ).fetchone() == (readings,)
+            policies = conn.execute(
+                "SELECT c.view_name, j.config->>'start_offset'"
+                "  FROM timescaledb_information.jobs j"
+                "  JOIN timescaledb_information.continuous_aggregates c"
+                "    ON c.materialization_hypertable_name = j.hypertable_name"
+                " WHERE j.proc_name = 'policy_refresh_continuous_aggregate'").fetchall()
+            assert sorted(policies) == [("ecoflow_rollup_1h", None), ("ecoflow_rollup_1m", None)]
+        downgrade(settings, "0006")
+        with psycopg.connect(url, autocommit=True) as conn:
+            offsets = {r[0] for r in conn.execute(
+                "SELECT config->>'start_offset' FROM timescaledb_information.jobs"
+                " WHERE proc_name = 'policy_refresh_continuous_aggregate'")}
+            assert offsets == {"02:00:00", "3 days"}
+            assert conn.execute("SELECT to_regclass('ecoflow_summary_invalidations')"
+                                ).fetchone() == (None,)
+    finally:
+        pg_server.drop_database(name)

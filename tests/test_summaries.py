@@ -21,6 +21,7 @@ import pytest
 
 from policy.worker import refresh_summaries
 from servicekit.migrate import downgrade, upgrade
+from tests.timescale_jobs import community, run_jobs
 
 INITIAL = importlib.import_module("migrations.versions.0001_initial_schema")
 ORIGIN = "TIMESTAMPTZ '2000-01-01 00:00:00+00'"
@@ -210,7 +211,7 @@ def test_late_rows_in_the_lookback_count_after_the_next_refresh_new_rows_at_once
     assert episodes == 2
 
 
-def test_rows_older_than_the_lookback_wait_for_a_refresh_since_their_time(telemetry):
+def test_rows_older_than_the_lookback_count_after_the_next_refresh(telemetry):
     db, now = telemetry.db, telemetry.now
     # Twenty minutes around a whole hour nine hours ago go missing, then come back as a backfill
     # starting on the hour: it also gives the reading before the gap its energy.
@@ -222,12 +223,14 @@ def test_rows_older_than_the_lookback_wait_for_a_refresh_since_their_time(teleme
                 for i in range(5)])
     day = "SELECT readings FROM {}.energy_daily WHERE device_sn = %s AND day = %s"
     key = (OFFICE, hour.replace(hour=0))
+    # Far older than the lookback: logged as a change behind the watermark (migration 0007)...
+    assert db.execute("SELECT min(ts) FROM ecoflow_summary_invalidations").fetchone() == (hour,)
 
     refresh(db)
+    # ... so the next refresh recomputed from there, and not from further back.
+    assert hour - timedelta(hours=1) <= state(db)["refreshed_from"] <= hour
     got, expected = (db.execute(day.format(s), key).fetchone()[0] for s in ("public", "raw"))
-    assert got < expected  # older than the lookback: not counted yet
-
-    refresh(db, since=hour)
+    assert got == expected
     assert_views_match_raw(db)
 
 
@@ -340,26 +343,176 @@ def test_before_any_refresh_the_views_compute_everything_live(telemetry):
 
 
 def test_policy_worker_enforces_retention_where_no_timescaledb_policy_does(db, db_url, caplog):
-    # The Apache build here has no retention policy: the worker's housekeeping removes raw
-    # readings past RETENTION_DAYS itself, at start and then every few hours.
+    # The Apache build has no retention policy: the worker's housekeeping removes raw readings
+    # past RETENTION_DAYS itself, at start and then every few hours. The community edition has
+    # TimescaleDB's retention policy, which the worker leaves the job to.
     now = db.execute("SELECT now()").fetchone()[0]
     insert(db, [reading(now - timedelta(days=400), OFFICE, "bridge", grid=True),
                 reading(now - timedelta(days=10), OFFICE, "bridge", grid=True),
                 reading(now - timedelta(minutes=1), OFFICE, "bridge", grid=True)])
     caplog.set_level(logging.INFO, logger="ecoflow.policy")
+    tsl = community(db)
+
+    def retained() -> bool:
+        if tsl:  # the worker leaves it to TimescaleDB's retention policy
+            return any(r.getMessage().startswith("retention: left to TimescaleDB")
+                       for r in caplog.records)
+        return db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone()[0] <= 2
+
     stop = threading.Event()
     worker = threading.Thread(target=refresh_summaries, args=(db_url, stop, 0.05),
                               kwargs={"retention_days": 30, "retention_every": 3600})
     worker.start()
     try:
         deadline = time.monotonic() + 20
-        while (db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone()[0] > 2
-               and time.monotonic() < deadline):
+        while not retained() and time.monotonic() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # several refresh rounds: retention is not run again inside the hour
     finally:
         stop.set()
         worker.join(10)
+    if tsl:
+        # The community edition's retention policy (the migration's RETENTION_DAYS, 365 here)
+        # does it: the worker leaves it alone. Run it as TimescaleDB's scheduler would.
+        assert db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (3,)
+        assert run_jobs(db, "policy_retention", "ecoflow_measurements")
     assert db.execute("SELECT count(*), min(ts) > now() - interval '30 days'"
                       " FROM ecoflow_measurements").fetchone() == (2, True)
     assert sum(r.getMessage().startswith("retention: ") for r in caplog.records) == 1
+
+
+# -- the whole history, late readings (issue #16) ---------------------------------------------
+MONTH = """
+INSERT INTO ecoflow_measurements (ts, device_sn, soc_percent, soc_min_percent, watts_in_sum,
+                                  watts_out_sum, ac_in_watts, pv_in_watts, grid_connected,
+                                  battery_temp_c, source, raw_data)
+SELECT ts, %(sn)s, 80, 79, 300, 150, 300, 0, NOT (ts >= %(now)s - interval '12 days'
+                                                  AND ts < %(now)s - interval '12 days' + interval '2 hours'),
+       25, 'rest', '{}'
+  FROM generate_series(%(now)s - interval '30 days', %(now)s - interval '2 minutes',
+                       interval '1 minute') AS ts
+ WHERE NOT (ts >= %(hole)s AND ts < %(hole)s + interval '1 hour')
+"""
+
+
+def scheduled_refresh(db) -> None:
+    """What runs on a schedule: the policy worker's summary refresh and, on the community
+    edition, the rollups' refresh policies (run as TimescaleDB's scheduler runs them)."""
+    db.execute("SELECT ecoflow_refresh_summaries()")
+    if community(db):
+        assert len(run_jobs(db, "policy_refresh_continuous_aggregate")) == 2
+
+
+def rollup_buckets(db, view: str) -> tuple[int, int]:
+    return db.execute(f"SELECT count(*), sum(readings) FROM {view} WHERE device_sn = %s",
+                      (OFFICE,)).fetchone()
+
+
+@dataclass
+class Month(Telemetry):
+    hole: datetime  # an hour without readings, 20 days ago
+
+
+@pytest.fixture
+def month(db) -> Month:
+    """A station's readings, one a minute over the last 30 days, with a grid loss 12 days ago and
+    an hour without readings 20 days ago (`hole`, on a whole hour)."""
+    now = db.execute(f"SELECT date_bin('1 minute', now(), {ORIGIN})").fetchone()[0]
+    hole = (now - timedelta(days=20)).replace(minute=0)
+    db.execute(MONTH, {"sn": OFFICE, "now": now, "hole": hole})
+    create_raw_views(db)
+    return Month(db, now, hole)
+
+
+def test_a_month_of_readings_is_in_every_rollup_bucket_after_the_scheduled_refresh(month):
+    db = month.db
+    readings, minutes, hours = db.execute(
+        f"SELECT count(*), count(DISTINCT date_bin('1 minute', ts, {ORIGIN})),"
+        f"       count(DISTINCT date_bin('1 hour', ts, {ORIGIN})) FROM ecoflow_measurements"
+    ).fetchone()
+    assert minutes == readings > 30 * 24 * 60 - 100
+    scheduled_refresh(db)
+    # Every bucket of the history, not just those the refresh policies look back over.
+    assert rollup_buckets(db, "ecoflow_rollup_1m") == (minutes, readings)
+    assert rollup_buckets(db, "ecoflow_rollup_1h") == (hours, readings)
+    # ... and materialized, not computed live: the summaries' watermark (both editions) and the
+    # continuous aggregates' (community) are past the history.
+    assert db.execute("SELECT materialized_until > %s - interval '5 minutes'"
+                      " FROM ecoflow_summary_state", (month.now,)).fetchone() == (True,)
+    assert db.execute("SELECT count(*) FROM ecoflow_summary_1m").fetchone() == (minutes,)
+    if community(db):
+        for view in ("ecoflow_rollup_1m", "ecoflow_rollup_1h"):
+            watermark = db.execute(
+                "SELECT _timescaledb_functions.to_timestamp(_timescaledb_functions.cagg_watermark("
+                "mat_hypertable_id)) FROM _timescaledb_catalog.continuous_agg"
+                " WHERE user_view_name = %s", (view,)).fetchone()[0]
+            assert watermark >= month.now - timedelta(hours=2), view  # end_offset: 1 bucket
+    assert_views_match_raw(db)
+
+
+def test_late_readings_behind_the_watermark_count_after_the_next_refresh(month):
+    db, now, hole = month.db, month.now, month.hole
+    scheduled_refresh(db)
+    if community(db):
+        # A 20-day-old chunk has been compressed by the time a backlog reaches it.
+        assert run_jobs(db, "policy_compression", "ecoflow_measurements")
+        assert db.execute("SELECT count(*) FROM timescaledb_information.chunks WHERE"
+                          " hypertable_name = 'ecoflow_measurements' AND is_compressed"
+                          " AND range_end <= %s", (hole,)).fetchone()[0] > 0
+    # A reading 20 days old in the hour that had none, one into a minute that had one, and a
+    # reading deleted 10 days ago (a correction): all far behind any lookback.
+    late = hole + timedelta(minutes=17, seconds=5)
+    insert(db, [reading(late, OFFICE, "rest", grid=True, watts_in=1000),
+                reading(now - timedelta(days=25, seconds=-20), OFFICE, "rest", grid=True,
+                        watts_in=2000)])
+    db.execute("DELETE FROM ecoflow_measurements WHERE ts = %s",
+               (now - timedelta(days=10),))
+    minute = ("SELECT readings, watts_in_avg FROM ecoflow_rollup_1m"
+              " WHERE device_sn = %s AND bucket = %s")
+    scheduled_refresh(db)
+    assert db.execute(minute, (OFFICE, late.replace(second=0))).fetchone() == (1, 1000)
+    assert db.execute("SELECT readings FROM ecoflow_rollup_1h WHERE device_sn = %s"
+                      " AND bucket = %s", (OFFICE, hole)).fetchone() == (1,)
+    assert db.execute(minute, (OFFICE, now - timedelta(days=25))).fetchone() == (2, 1150)
+    assert db.execute(minute, (OFFICE, now - timedelta(days=10))).fetchone() is None
+    assert db.execute("SELECT count(*) FROM ecoflow_summary_invalidations").fetchone() == (0,)
+    assert_views_match_raw(db)
+
+
+def test_readings_at_the_watermark_are_not_logged_as_late(db):
+    # The collector's usual writes are newer than the watermark: they cost no log row.
+    now = db.execute("SELECT now()").fetchone()[0]
+    insert(db, [reading(now - timedelta(hours=1), OFFICE, "rest", grid=True)])
+    refresh(db)
+    insert(db, [reading(now - timedelta(seconds=s), OFFICE, "rest", grid=True) for s in (5, 1)])
+    assert db.execute("SELECT count(*) FROM ecoflow_summary_invalidations").fetchone() == (0,)
+    # One row per transaction for a backlog, unless a reading goes further back.
+    with db.transaction():
+        insert(db, [reading(now - timedelta(minutes=m), OFFICE, "rest", grid=True)
+                    for m in (30, 20, 40, 10)])
+    assert [r[0] for r in db.execute(
+        "SELECT ts FROM ecoflow_summary_invalidations ORDER BY logged_at, ts DESC")] == [
+        now - timedelta(minutes=30), now - timedelta(minutes=40)]
+
+
+def test_retention_drops_raw_readings_the_summaries_keep_their_totals(db):
+    # Which rollup rows outlive RETENTION_DAYS differs by edition (docs/database.md): the
+    # summary tables (energy_daily, outages, and the rollups under the Apache build) keep
+    # them; continuous aggregates (community rollups) follow the raw readings, since
+    # TimescaleDB invalidates the range drop_chunks removes and the next refresh clears it.
+    now = db.execute("SELECT now()").fetchone()[0]
+    old = [reading(now - timedelta(days=400, minutes=m), OFFICE, "rest", grid=True)
+           for m in range(3)]
+    insert(db, old + [reading(now - timedelta(minutes=5), OFFICE, "rest", grid=True)])
+    scheduled_refresh(db)
+    if community(db):
+        assert run_jobs(db, "policy_retention", "ecoflow_measurements")
+    else:
+        db.execute("SELECT drop_chunks('ecoflow_measurements', older_than => interval '365 days')")
+    assert db.execute("SELECT count(*) FROM ecoflow_measurements").fetchone() == (1,)
+    scheduled_refresh(db)
+    old_rollups = db.execute("SELECT count(*) FROM ecoflow_rollup_1m WHERE bucket < %s",
+                             (now - timedelta(days=365),)).fetchone()[0]
+    assert old_rollups == (0 if community(db) else 3)
+    assert db.execute("SELECT sum(readings) FROM energy_daily WHERE day < %s",
+                      (now - timedelta(days=365),)).fetchone() == (2,)
