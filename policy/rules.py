@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import cache
+import weakref
 from pathlib import Path
 
 import psycopg
@@ -20,7 +21,8 @@ def load_sql(name: str) -> str:
 
 # The rules read the readings of this last day (on the station's clock). A station whose
 # result may depend on older ones (history_cut in supply_state.sql) is evaluated again around
-# its last reading, then, if that is not enough either, over all of its history.
+# its last reading, then from where its last all-history evaluation found it needed readings
+# (_Floors), and only if neither is provably enough over all of its history.
 HISTORY = timedelta(days=1)
 _ALL_HISTORY = (datetime(1, 1, 2, tzinfo=timezone.utc), datetime(9999, 12, 30, tzinfo=timezone.utc))
 
@@ -30,13 +32,54 @@ SELECT min(last_seen), max(last_seen), bool_and(last_seen IS NOT NULL)
   FROM devices WHERE device_sn = ANY(%s)
 """
 
+# Stations with a reading before their floor that could change a result read from the floor
+# on: any reading telling the grid (it could be a confirmed return, a re-arm or a loss that
+# starts the outage earlier), or one received after the newest in the window (it would be the
+# latest reading). No row: the window from the floor decides as all history would.
+_BEFORE_FLOOR = """
+SELECT DISTINCT f.sn
+  FROM unnest(%(sns)s::text[], %(latest)s::timestamptz[]) AS f(sn, latest)
+ WHERE EXISTS (
+       SELECT 1 FROM ecoflow_measurements m
+        WHERE m.device_sn = f.sn
+          AND m.ts < %(floor)s
+          AND (m.grid_connected IS NOT NULL
+               OR (coalesce(m.received_at, m.ts) <= %(now)s
+                   AND (f.latest IS NULL OR coalesce(m.received_at, m.ts) > f.latest))))
+"""
+
+
+class _Floors:
+    """Per connection and station: from which reading time on the rules decided the last time
+    they read all of the station's history. Only a hint for choosing the next window; a window
+    from it is taken only when proven to decide as all history would (supply_rows)."""
+
+    def __init__(self) -> None:
+        self.by_conn: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def get(self, conn, params: dict) -> dict[str, datetime]:
+        key = _params_key(params)
+        held = self.by_conn.get(conn)
+        if held is None or held[0] != key:
+            held = self.by_conn[conn] = (key, {})
+        return held[1]
+
+
+_FLOORS = _Floors()
+
+
+def _params_key(params: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in params.items()))
+
 
 def supply_rows(conn: psycopg.Connection, now: datetime, params: dict) -> list[dict]:
     """One dict per (agent, supply) as of `now`; see supply_state.sql for the columns.
 
     The cost of an evaluation follows the window it reads, not the history kept: a first run
     reads one day (HISTORY); the stations whose result may need older readings are evaluated
-    again over the day around their last reading, and those still cut over all history."""
+    again over the day around their last reading, then from their floor (what their last
+    all-history evaluation rested on), and those still cut over all history."""
+    floors = _FLOORS.get(conn, params)
     with conn.cursor(row_factory=dict_row) as cur:
         # The rules are many small index lookups whose estimated cost crosses jit_above_cost;
         # compiling them would take longer than running them.
@@ -53,10 +96,49 @@ def supply_rows(conn: psycopg.Connection, now: datetime, params: dict) -> list[d
                 again = _evaluate(cur, now, params, first - HISTORY, last + HISTORY, cut)
                 rows = _replace(rows, again)
                 cut = sorted({r["device_sn"] for r in again if r["history_cut"]})
+        hinted = [sn for sn in cut if sn in floors]
+        if hinted:
+            decided = _from_floors(cur, now, params, {sn: floors[sn] for sn in hinted})
+            rows = _replace(rows, decided)
+            cut = sorted(set(cut) - {r["device_sn"] for r in decided})
         if cut:
-            rows = _replace(rows, _evaluate(cur, now, params, *_ALL_HISTORY, cut,
-                                            bounded=False))
+            whole = _evaluate(cur, now, params, *_ALL_HISTORY, cut, bounded=False)
+            rows = _replace(rows, whole)
+            floors.update(_floors_of(whole, params))
         return rows
+
+
+def _from_floors(cur, now, params, floors: dict[str, datetime]) -> list[dict]:
+    """The rows of the stations that a window from their floor provably decides as all history
+    would: either it finds the confirmed return and re-arm it rests on (not cut, as for the
+    day's window), or the station has no reading before its floor that any rule could read
+    (_BEFORE_FLOOR): the outage began within the window, or the grid was never seen before."""
+    horizon = min(floors.values())
+    rows = _evaluate(cur, now, params, horizon, _ALL_HISTORY[1], sorted(floors))
+    unsure = {r["device_sn"]: r for r in rows if r["history_cut"]}
+    if unsure:
+        latest = [unsure[sn]["last_received_at"] for sn in unsure]
+        spoiled = {r["sn"] for r in cur.execute(_BEFORE_FLOOR, {
+            "sns": list(unsure), "latest": latest, "floor": horizon, "now": now}).fetchall()}
+        for r in rows:
+            if r["device_sn"] in unsure and r["device_sn"] not in spoiled:
+                r["history_cut"] = False  # as all history would say
+    return [r for r in rows if not r["history_cut"]]
+
+
+def _floors_of(rows: list[dict], params: dict) -> dict[str, datetime]:
+    """Where each station's all-history result rests: its confirmed return and re-arm, else
+    the start of its outage (before which, with no confirmed return, the grid was never seen
+    on), less the confirmation and cooldown periods those are proven over."""
+    margin = timedelta(seconds=max(params["confirm_sec"], params["cooldown_sec"]) + 1)
+    floors: dict[str, datetime] = {}
+    for r in rows:
+        points = [t for t in (r["confirmed_grid_ts"], r["rearm_ts"], r["on_battery_since"],
+                              r["episode_start"], r["last_ts"]) if t is not None]
+        if points:
+            floor = min(points) - margin
+            floors[r["device_sn"]] = min(floor, floors.get(r["device_sn"], floor))
+    return floors
 
 
 def _evaluate(cur, now, params, horizon, until, only, bounded=True) -> list[dict]:

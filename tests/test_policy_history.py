@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
+import psycopg
 import pytest
 
 from policy import rules, topology
@@ -124,3 +125,58 @@ def test_quiet_year_on_grid_is_read_from_one_day_only(db, monkeypatch):
     rows = supply_rows(db, END, settings.rule_params())
     assert [r["trigger"] for r in rows] == [None, None, None]
     assert runs == [(END - rules.HISTORY, None)]
+
+
+def test_long_outages_decide_as_all_history_at_every_moment(db):
+    """Five days: a station loses the grid for three days on solar (SoC up by day, down by
+    night), one never sees the grid at all, and late in the run readings from a week ago
+    arrive (a backfill: one of them a grid loss older than anything the rules had read). At
+    every moment the rows supply_rows gives, reading from the floor its last all-history run
+    found, are those of an evaluation over all history; and the floors are really used."""
+    settings = settings_for(db, max_on_battery_sec=int(2.5 * 86400), runtime_min=20)
+    params = settings.rule_params()
+    start = END - timedelta(days=5)
+    lost = END - timedelta(days=3, hours=7)
+    solar = "50 + 35 * sin(extract(epoch FROM t) / 86400 * 2 * pi()) - extract(epoch FROM t - " \
+            f"'{start.isoformat()}') / 86400 * 4"
+    readings(db, SN, start, END, 300, solar, f"t < '{lost.isoformat()}'", last_seen=False)
+    readings(db, SN2, start + timedelta(hours=5), END, 300, solar, "false", last_seen=False)
+    backfill_at = END - timedelta(hours=20)
+    used = []
+    real = rules._from_floors
+
+    def counting(cur, now, params, floors):
+        decided = real(cur, now, params, floors)
+        used.extend(r["device_sn"] for r in decided)
+        return decided
+
+    def whole(now):
+        with db.cursor(row_factory=psycopg.rows.dict_row) as cur:
+            rows = rules._evaluate(cur, now, params, *rules._ALL_HISTORY, None, bounded=False)
+        return rows
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(rules, "_from_floors", counting)
+        now, backfilled, triggers = start + timedelta(hours=6), False, set()
+        while now <= END:
+            if not backfilled and now >= backfill_at:
+                # A week-old loss of the off-grid station and a day of old grid readings of the
+                # other, received now.
+                db.execute(
+                    "INSERT INTO ecoflow_measurements (ts, received_at, device_sn, soc_percent,"
+                    " soc_min_percent, grid_connected, source, raw_data)"
+                    " SELECT t, %(now)s, sn, 70, 70, sn = %(sn)s, 'simulator', '{}'"
+                    "   FROM (VALUES (%(sn)s), (%(sn2)s)) s(sn),"
+                    "        generate_series(%(from)s::timestamptz, %(to)s, interval '1 hour') t",
+                    {"now": now, "sn": SN, "sn2": SN2, "from": start - timedelta(days=2),
+                     "to": start - timedelta(days=1)})
+                backfilled = True
+            fast = supply_rows(db, now, params)
+            slow = whole(now)
+            drop = ("history_cut",)
+            assert ([{k: v for k, v in r.items() if k not in drop} for r in fast]
+                    == [{k: v for k, v in r.items() if k not in drop} for r in slow]), now
+            triggers |= {(r["device_sn"], r["trigger"]) for r in fast}
+            now += timedelta(minutes=47)
+    assert SN in used and SN2 in used, used
+    assert (SN, "battery_time") in triggers and (SN2, "battery_time") in triggers, triggers

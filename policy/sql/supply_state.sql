@@ -310,6 +310,9 @@ SELECT agent_id, tier, min_supplies, shutdown_delay_sec, device_sn, device_name,
             THEN device_sn || '-' || floor(extract(epoch FROM episode_start))::bigint END
                                                                       AS episode_id,
        episode_start,
+       -- What the window rests on (rules.py keeps them to choose the next window).
+       nullif(confirmed_grid_ts, '-infinity') AS confirmed_grid_ts,
+       nullif(rearm_ts, '-infinity') AS rearm_ts,
        freshness IN ('fresh', 'stale') AND trigger IS NULL           AS healthy,
        %(bounded)s AND (
             (last_ts IS NULL AND last_seen IS NOT NULL)
