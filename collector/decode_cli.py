@@ -29,6 +29,7 @@ from typing import Any
 
 from collector.decoders import DecodeError, decode
 from collector.decoders.protobuf import header_message
+from collector.decoders.registry import unmapped_reason
 from collector.rows import VALUE_COLUMNS, HeadlineSoc
 
 _HEX = re.compile(r"^(?:[0-9a-fA-F]{2})+$")
@@ -235,5 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     except DecodeError as exc:
         print(json.dumps({"error": str(exc)}, indent=2))
         return 1
-    print(json.dumps([reading.to_json() for reading in readings], indent=2, ensure_ascii=False))
+    printed = []
+    for reading in readings:
+        entry = reading.to_json()
+        reason = unmapped_reason(reading)
+        if reason:
+            entry["unmapped"] = reason  # stored raw, no column guessed
+        printed.append(entry)
+    print(json.dumps(printed, indent=2, ensure_ascii=False))
     return 0

@@ -94,6 +94,8 @@ class Metrics:
         self.received_count: Counter_[str] = Counter_()
         self.decoded_count: Counter_[str] = Counter_()
         self.failed_count: Counter_[str] = Counter_()
+        # (source, product) -> payloads kept raw because we do not map their model or module.
+        self.unmapped_count: Counter_[tuple[str, str]] = Counter_()
         self._latest: dict[str, dict] = {}  # device -> values of its latest row
         self._last_seen: dict[str, float] = {}  # device -> unix time of its latest reading
         self.directory: dict[str, DeviceEntry] = {}  # replaced whole on every reload
@@ -128,6 +130,11 @@ class Metrics:
     def failed(self, source: str) -> None:
         with self._count_lock:
             self.failed_count[source] += 1
+
+    def unmapped(self, source: str, product: str) -> None:
+        """A payload stored raw without columns: a product type or module we do not map."""
+        with self._count_lock:
+            self.unmapped_count[(source, product)] += 1
 
     def decoded(self, source: str, rows: list[Row]) -> None:
         with self._count_lock:
@@ -246,6 +253,13 @@ class _ScrapeTime:
             for source, count in list(counts.items()):
                 family.add_metric([source], count)
             yield family
+        unmapped = CounterMetricFamily(
+            m.name("collector_messages_unmapped"),
+            "Payloads stored raw without columns: a product type or module this collector "
+            "does not decode (`decode` and `doctor` name it)", labels=["source", "product"])
+        for (source, product), count in list(m.unmapped_count.items()):
+            unmapped.add_metric([source, product], count)
+        yield unmapped
 
     def _scrape_devices(self):
         m, now = self.m, time.time()

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from collector.decoders import DecodeError, decode, sn_from_topic
+from collector.decoders.registry import unmapped_product
 from collector.rows import Row
 from collector.state_out import StateOut
 from collector.writer import IngestError, Writer
@@ -92,6 +93,8 @@ class Pipeline:
             if reading.online is False:
                 log.info("%s reports device %s offline", source, sn)
                 continue
+            if reading.family == "unmapped" and self.metrics:
+                self.metrics.unmapped(source, unmapped_product(reading))
             raw_json = reading.raw_json
             if raw_json is None:
                 try:

@@ -30,6 +30,7 @@ from collector.cloud.api import (
 from collector.cloud.broker import cloud_client
 from collector.cloud.plan import CloudPlan
 from collector.decoders import DecodeError, decode
+from collector.decoders.registry import unmapped_reason
 from collector.settings import CollectorSettings
 from servicekit.logging import redact, register_secret
 
@@ -68,6 +69,9 @@ def summary(raw: bytes, sn: str, source: str) -> str:
         readings = decode(raw, topic=None, source=source)
     except DecodeError as exc:
         return f"not decodable: {exc}"
+    reason = unmapped_reason(readings[0]) if readings else None
+    if reason:
+        return f"stored raw, no columns: {reason}"
     if not readings or not readings[0].values:
         return "decoded, but it carries none of our columns (model not mapped yet?)"
     values = readings[0].values

@@ -23,6 +23,7 @@ SN_PREFIXES = (
 
 # App `latestQuotas` replies name the model by number.
 PRODUCT_TYPES = {
+    12: "River Pro",  # foxthefox/ioBroker.ecoflow-mqtt test/data2/riverpro.json
     13: "Delta Max",
     14: "Delta Pro",
     72: "River 2 Pro",
@@ -36,6 +37,14 @@ def model_for(sn: str | None, product_type: object = None) -> str | None:
     if isinstance(product_type, int) and product_type in PRODUCT_TYPES:
         return PRODUCT_TYPES[product_type]
     return _model_for_sn(sn) if sn else None
+
+
+def unknown_product_type(product_type: object) -> int | None:
+    """`product_type` when a payload names one we do not map (so we cannot know what its keys
+    mean on that model), else None."""
+    if type(product_type) is int and product_type not in PRODUCT_TYPES:
+        return product_type
+    return None
 
 
 @functools.lru_cache(maxsize=4096)

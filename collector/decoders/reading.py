@@ -26,8 +26,9 @@ COLUMNS = (
     "battery_temp_c",
 )
 
-# Remaining-time values EcoFlow uses for "not applicable" (not charging / not discharging).
-REMAIN_TIME_SENTINELS = frozenset({5999, 5939})
+# Remaining-time values EcoFlow uses for "not applicable" (not charging / not discharging):
+# 143999 (99 d 23 h 59 min) on Delta 3 / Delta Pro / Delta Pro Ultra X captures.
+REMAIN_TIME_SENTINELS = frozenset({5999, 5939, 143999})
 
 # AC-in voltage above this means the grid is there; below it is sensor noise.
 GRID_PRESENT_VOLTS = 50.0

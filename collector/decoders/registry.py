@@ -11,9 +11,9 @@ from typing import Any
 
 import orjson
 
-from . import delta_gen1, delta_gen2, gen3, powerstream, protobuf, smartplug
+from . import delta_gen1, delta_gen2, gen3, powerstream, protobuf, river_gen1, smartplug
 from .json_envelopes import Unwrapped, unwrap
-from .models import model_for
+from .models import model_for, unknown_product_type
 from .reading import DecodeError, Reading, epoch_ts
 
 # A serial number: letters and digits. Placeholders ("<sn>", "${sn}") and masked ones ("****")
@@ -81,6 +81,8 @@ def _json_family(unwrapped: Unwrapped, model: str | None) -> str | None:
         return smartplug.FAMILY
     if not gen3.MARKER_KEYS.isdisjoint(keys):
         return gen3.FAMILY
+    if model in river_gen1.MODELS or not river_gen1.MARKER_KEYS.isdisjoint(keys):
+        return river_gen1.FAMILY
     if model in ("Delta Pro", "Delta Max") or not _GEN1_PREFIXES.isdisjoint(heads):
         return delta_gen1.FAMILY
     if not _GEN2_PREFIXES.isdisjoint(heads):
@@ -105,9 +107,11 @@ def decode_json(document: Any, topic: str | None = None, source: str | None = No
     if unwrapped.online is False and not unwrapped.fields:
         return Reading(device_sn, ts, {}, raw, family or "offline", model, online=False,
                        source=source)
-    if family is None:
-        if unwrapped.shape == "rest_quota_all":
+    if family is None or unknown_product_type(unwrapped.product_type) is not None:
+        if family is None and unwrapped.shape == "rest_quota_all":
             raise DecodeError("JSON object carries no EcoFlow quota keys")
+        # A product type we do not map: its keys may mean other things (units, packs) on that
+        # model, so nothing is decoded from them; the payload is kept raw (unmapped_reason).
         # A well-formed EcoFlow message about a module we do not map (e.g. backend `addr` data).
         return Reading(device_sn, ts, {}, raw, "unmapped", model, online=unwrapped.online,
                        source=source)
@@ -120,12 +124,39 @@ def decode_json(document: Any, topic: str | None = None, source: str | None = No
         model = model or "Smart Plug"
     elif family == gen3.FAMILY:
         values, packs = gen3.decode(unwrapped.fields)
+    elif family == river_gen1.FAMILY:
+        values, packs = river_gen1.decode(unwrapped.fields, model)
     elif family == delta_gen1.FAMILY:
         values, packs = delta_gen1.decode(unwrapped.fields, model)
     else:
         values, packs = delta_gen2.decode(unwrapped.fields, model)
     return Reading(device_sn, ts, values, raw, family, model, soc_modules=packs,
                    online=unwrapped.online, source=source)
+
+
+def unmapped_product(reading: Reading) -> str:
+    """The label an unmapped reading is counted under: "productType N", or "unknown module"."""
+    raw = reading.raw if isinstance(reading.raw, dict) else {}
+    data = raw.get("data")
+    product_type = unknown_product_type(data.get("productType")) if isinstance(data, dict) \
+        else None
+    return "unknown module" if product_type is None else f"productType {product_type}"
+
+
+def unmapped_reason(reading: Reading) -> str | None:
+    """Why `reading` was stored raw without columns ("unmapped"), naming the product type or
+    the modules it carries; None for a decoded reading."""
+    if reading.family != "unmapped":
+        return None
+    product = unmapped_product(reading)
+    if product != "unknown module":
+        return f"{product} is not a model this collector decodes"
+    raw = reading.raw if isinstance(reading.raw, dict) else {}
+    params = raw.get("params") or raw.get("param") or {}
+    module = raw.get("addr") or raw.get("typeCode")
+    if module is None and isinstance(params, dict):
+        module = ", ".join(sorted({str(k).split(".")[0] for k in params})[:5]) or None
+    return f"no module this collector decodes ({module or 'no keys'})"
 
 
 def _as_json(payload: bytes) -> tuple[Any, str | None]:

@@ -1,0 +1,234 @@
+"""More device families against their captures: every decoded column equals what the device reported.
+
+Fixtures live in tests/fixtures/families/ (provenance in each file): first-generation River
+(River Pro latestQuotas reply, River Max app pushes), River 3 Plus and Delta 3 gen-3 messages
+(BMS heartbeats of both packs, CMS heartbeat, display and runtime uploads). A product type we
+do not map is kept raw, marked unmapped, counted, and named by `decode` and `doctor`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from collector.decode_cli import main as decode_main
+from collector.decode_cli import payload_from_fixture
+from collector.decoders import COLUMNS, Reading, decode
+from collector.decoders.protobuf import header_message
+from collector.decoders.registry import unmapped_reason
+from collector.proto import ecoflow_pb2 as pb
+
+FAMILIES = Path(__file__).resolve().parent / "fixtures" / "families"
+FIXTURES = sorted(p.name for p in FAMILIES.glob("*.json"))
+
+
+def load(name: str) -> dict[str, Any]:
+    return json.loads((FAMILIES / name).read_text())
+
+
+def _fill(message: Message, captured: dict[str, Any]) -> None:
+    """Copy the captured fields our schema carries, by their JSON names."""
+    by_name = message.DESCRIPTOR.fields_by_camelcase_name
+    for key, value in captured.items():
+        field = by_name.get(key)
+        if field is None:
+            continue
+        if field.message_type is not None:
+            _fill(getattr(message, field.name), value)
+        elif field.type == field.TYPE_BYTES or isinstance(value, (dict, list)):
+            continue  # e.g. bmsIsConnt, logged by the adapter as a list of numbers
+        else:
+            json_format.ParseDict({key: value}, message, ignore_unknown_fields=True)
+
+
+def protobuf_payload(document: dict[str, Any]) -> bytes:
+    """The HeaderMessage the captured (decoded) message travels in, encoded with our schema."""
+    message = getattr(pb, document["message_type"])()
+    captured = dict(document["message"])
+    if document["message_type"] == "CmsHeartbeat":
+        # The adapter names sub-message 1 `v1p0`; our schema names it `status`.
+        captured = {"status": captured["v1p0"]}
+    _fill(message, captured)
+    cmd_func, cmd_id = document["route"]
+    return header_message({"cmdFunc": cmd_func, "cmdId": cmd_id, "src": 3, "dest": 32},
+                          message.SerializeToString())
+
+
+def decode_fixture(name: str) -> Reading:
+    document = load(name)
+    if "message" in document:
+        (reading,) = decode(protobuf_payload(document))
+    else:
+        payload, topic = payload_from_fixture(document)
+        (reading,) = decode(payload, topic=topic)
+    return reading
+
+
+def test_every_family_fixture_records_where_it_was_captured():
+    assert len(FIXTURES) >= 15
+    for name in FIXTURES:
+        document = load(name)
+        assert document["provenance"].startswith("https://github.com/"), name
+        assert "/blob/" in document["provenance"], f"{name}: provenance names no commit"
+        assert set(document["expected"]) <= set(COLUMNS), name
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_every_decoded_column_is_what_the_device_reported(name):
+    """Every column the decoder fills is in the fixture's `expected` with the reported value,
+    and nothing more: a column the message does not carry stays unknown."""
+    reading = decode_fixture(name)
+    expected = load(name)["expected"]
+    assert set(reading.values) == set(expected), (name, reading.values)
+    for column, value in expected.items():
+        actual = reading.values[column]
+        if value is None or isinstance(value, bool):
+            assert actual is value, (column, actual)
+        else:
+            assert actual is not None and abs(actual - value) <= 0.01, (column, actual, value)
+
+
+def test_first_generation_river_pro_is_named_by_its_product_type_and_decoded_from_pd_and_bms():
+    reading = decode_fixture("riverpro_app_mqtt_1_latest_quotas.json")
+    assert reading.model == "River Pro"
+    assert reading.family == "river_gen1"
+    assert reading.soc_modules == {"master": 84.0}
+
+
+def test_first_generation_river_positive_remain_time_while_discharging_is_minutes_to_empty():
+    values = decode_fixture("riverpro_app_mqtt_1_latest_quotas.json").values
+    assert values["watts_out_sum"] > values["watts_in_sum"]
+    assert values["remain_time_min"] == 370
+
+
+def test_river_max_remain_time_while_taking_more_in_than_out_clears_the_runtime():
+    """A River Max at its charge limit passing 215 W through reported pd.remainTime 698: not a
+    runtime to empty, so the last discharge figure must not survive in the snapshot."""
+    values = decode_fixture("rivermax_app_mqtt_3_pd.json").values
+    assert "remain_time_min" in values and values["remain_time_min"] is None
+
+
+def test_river_gen1_remain_time_sentinel_clears_and_unknown_direction_says_nothing():
+    sentinel = {"params": {"pd.remainTime": 5999, "pd.usb3Watts": 0}}
+    (reading,) = decode(json.dumps(sentinel).encode())
+    assert reading.family == "river_gen1"
+    assert reading.values["remain_time_min"] is None and "remain_time_min" in reading.values
+    lone = {"params": {"pd.remainTime": 300, "pd.usb3Watts": 0}}
+    (reading,) = decode(json.dumps(lone).encode())
+    assert "remain_time_min" not in reading.values
+
+
+def test_river_gen1_grid_from_ac_in_power_first_then_invInVol():
+    power = decode_fixture("rivermax_app_mqtt_1_inv.json").values
+    assert power["grid_connected"] is True and power["ac_in_watts"] == 201
+    # Power first: 83 W flowing in on AC with the voltage field at 0 is the grid.
+    (reading,) = decode(json.dumps(
+        {"params": {"inv.invInVol": 0, "inv.inputWatts": 83}}).encode())
+    assert reading.values["grid_connected"] is True
+    # Voltage only: 232 V with no power in (a full River Pro on mains).
+    (reading,) = decode(json.dumps(
+        {"params": {"inv.invInVol": 232000, "inv.inputWatts": 0}}).encode())
+    assert reading.values["grid_connected"] is True
+    off = decode_fixture("riverpro_app_mqtt_1_latest_quotas.json").values
+    assert off["grid_connected"] is False
+
+
+def test_river_max_headline_soc_is_pd_soc_and_packs_give_the_minimum():
+    """pd.soc 89 sits between the packs' 87 and 91: the combined figure, kept as the headline,
+    while soc_min is the lowest pack the snapshot knows (collector merge)."""
+    pd = decode_fixture("rivermax_app_mqtt_3_pd.json")
+    master = decode_fixture("rivermax_app_mqtt_4_bmsMaster.json")
+    slave = decode_fixture("rivermax_app_mqtt_2_bmsSlave1.json")
+    assert pd.values["soc_percent"] == 89
+    assert master.soc_modules == {"master": 87} and slave.soc_modules == {"slave1": 91}
+
+
+def test_gen3_extra_battery_heartbeats_report_each_pack():
+    pack0 = decode_fixture("river3plus_protobuf_1_bms_heartbeat_pack0.json")
+    pack1 = decode_fixture("river3plus_protobuf_2_bms_heartbeat_pack1.json")
+    assert set(pack0.soc_modules) == {"pack0"} and set(pack1.soc_modules) == {"pack1"}
+    assert min(pack0.soc_modules["pack0"], pack1.soc_modules["pack1"]) == pytest.approx(87.84, abs=0.01)
+
+
+def test_delta3_discharge_time_143999_while_charging_clears_the_runtime():
+    values = decode_fixture("delta3_protobuf_2_cms_heartbeat.json").values
+    assert "remain_time_min" in values and values["remain_time_min"] is None
+
+
+def _latest_quotas(product_type: Any) -> dict[str, Any]:
+    document = load("riverpro_app_mqtt_1_latest_quotas.json")["payload"]
+    document = json.loads(json.dumps(document))
+    document["data"]["productType"] = product_type
+    return document
+
+
+def test_unknown_product_type_is_stored_raw_marked_unmapped_and_named():
+    """A latestQuotas reply from a model we do not map: its keys could mean other units or
+    packs there, so no column is guessed; the payload is kept and the product type named."""
+    document = _latest_quotas(9999)
+    (reading,) = decode(json.dumps(document).encode())
+    assert reading.family == "unmapped"
+    assert reading.values == {}
+    assert reading.model is None
+    assert reading.raw == document
+    assert unmapped_reason(reading) == "productType 9999 is not a model this collector decodes"
+
+
+def test_unknown_module_is_named_too_and_decoded_readings_have_no_reason():
+    (reading,) = decode(json.dumps({"params": {"bms_bmsInfo.x": 1}}).encode())
+    assert reading.family == "unmapped"
+    assert "bms_bmsInfo" in unmapped_reason(reading)
+    assert unmapped_reason(decode_fixture("riverpro_app_mqtt_1_latest_quotas.json")) is None
+
+
+def test_decode_command_names_an_unknown_product_type(tmp_path, capsys):
+    path = tmp_path / "unknown.json"
+    path.write_text(json.dumps(_latest_quotas(9999)))
+    assert decode_main([str(path)]) == 0
+    (printed,) = json.loads(capsys.readouterr().out)
+    assert printed["family"] == "unmapped"
+    assert printed["unmapped"] == "productType 9999 is not a model this collector decodes"
+    assert printed["values"] == {}
+
+
+def test_doctor_summary_names_an_unknown_product_type():
+    from collector.cloud.doctor import summary
+
+    text = summary(json.dumps(_latest_quotas(9999)).encode(), "SN", "app_mqtt")
+    assert "productType 9999" in text
+
+
+def test_unmapped_payloads_are_counted_by_source_and_product():
+    from collector.metrics import Metrics
+    from collector.pipeline import Pipeline
+
+    class Writer:
+        def __init__(self):
+            from collector.rows import SnapshotMerger
+            self.snapshots = SnapshotMerger()
+            self.rows = []
+
+        def add_rows(self, rows, on_commit=None):
+            self.rows += rows
+
+        def add_error(self, error, on_commit=None):
+            raise AssertionError(error)
+
+    metrics = Metrics()
+    writer = Writer()
+    pipeline = Pipeline(writer, metrics=metrics)
+    payload = json.dumps(_latest_quotas(9999)).encode()
+    topic = "/app/1234/R999ZZZ1234567/thing/property/get_reply"
+    assert pipeline.handle(payload, topic, "app_mqtt") == 1
+    assert writer.rows[0].raw_data["data"]["productType"] == 9999  # stored raw
+    pipeline.handle(json.dumps(_latest_quotas(12)).encode(), topic, "app_mqtt")
+    samples = {(s.labels["source"], s.labels["product"]): s.value
+               for family in metrics.registry.collect() for s in family.samples
+               if s.name.startswith("ecoflow_collector_messages_unmapped")
+               and s.name.endswith("_total")}
+    assert samples == {("app_mqtt", "productType 9999"): 1}
