@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import queue
 import threading
 import time
 from datetime import datetime, timedelta
@@ -110,6 +109,12 @@ INSERT INTO command_acks (command_id, agent_id, status, host, agent_ts, received
                           payload)
 VALUES (%(id)s, %(agent)s, %(status)s, %(host)s, to_timestamp(%(ts)s), %(now)s, %(detail)s,
         %(payload)s)
+"""
+
+# Whether this very ack is stored already (a redelivery of one stored but not acknowledged).
+ACK_STORED = """
+SELECT EXISTS (SELECT 1 FROM command_acks
+                WHERE command_id = %(id)s AND agent_id = %(agent)s AND payload = %(payload)s)
 """
 
 # The first ack of any kind stops the re-sends (acked_at, ack_status); the state and the
@@ -389,17 +394,25 @@ class Worker:
 
     # -- acks and status ------------------------------------------------------------------
     def handle_incoming(self, now: datetime) -> None:
+        """Store the agents' acks and status messages in the order they came. Each is
+        acknowledged to the broker only once committed (`link.done`): while the database is
+        away it stays with the broker, or first in line here, and is tried again."""
         if self.link is None:
             return
-        while True:
+        while (msg := self.link.take()) is not None:
             try:
-                msg = self.link.inbox.get_nowait()
-            except queue.Empty:
-                return
-            if msg.kind == "ack":
-                self.record_ack(msg, now)
-            else:
-                self.record_status(msg, now)
+                if msg.kind == "ack":
+                    self.record_ack(msg, now)
+                else:
+                    self.record_status(msg, now)
+            except (psycopg.OperationalError, psycopg.InterfaceError):
+                raise  # the database is away: not acknowledged, tried again when it is back
+            except Exception:
+                # A message that can never be stored (e.g. a value PostgreSQL refuses) must
+                # not come back forever and hold up every message behind it.
+                log.exception("%s from %s dropped: it cannot be stored (%r)", msg.kind,
+                              msg.agent, msg.raw[:200])
+            self.link.done(msg)
 
     def handle_nut_reports(self, now: datetime) -> None:
         """Acks and liveness of `nut` agents, seen by the NUT server (policy/nutagents.py)."""
@@ -426,6 +439,16 @@ class Worker:
         agent_ts = ack.get("ts") if isinstance(ack.get("ts"), (int, float)) else None
         detail = str(ack.get("detail") or "")[:500]
         host = str(ack.get("host") or "")[:255] or None
+        refusal = status == "rejected" and not detail.lower().startswith("duplicate")
+        if msg.redelivered and self.conn.execute(ACK_STORED, {
+                "id": cmd_id, "agent": msg.agent, "payload": Jsonb(ack)}).fetchone()[0]:
+            # The broker's copy of an ack stored before the worker could acknowledge it (it
+            # died, or the database failed, after the commit): stored once. Only the alert,
+            # itself sent at most once, is made sure of.
+            if refusal and row is not None:
+                self.alert(now, f"rejected:{cmd_id}", "agent",
+                           f"{msg.agent} rejected {row[1]}: {detail or 'no detail'}")
+            return
         with self.conn.transaction():
             self.conn.execute(RECORD_ACK, {
                 "id": cmd_id, "agent": msg.agent, "status": status, "host": host,
@@ -463,13 +486,14 @@ class Worker:
         state = str(status.get("state", "")).lower()
         if state not in ("online", "offline"):
             return
-        was_online = self.conn.execute(UPSERT_STATUS, {
-            "agent": msg.agent, "online": state == "online", "now": now,
-            "version": status.get("version"), "platform": status.get("platform"),
-            "host": status.get("host"), "payload": Jsonb(status)}).fetchone()[0]
-        if was_online is None or was_online != (state == "online"):
-            self.event(now, f"agent_{state}", agent_id=msg.agent,
-                       message=f"{msg.agent} is {state}", details=status)
+        with self.conn.transaction():  # the state and its event, or neither (then retried)
+            was_online = self.conn.execute(UPSERT_STATUS, {
+                "agent": msg.agent, "online": state == "online", "now": now,
+                "version": status.get("version"), "platform": status.get("platform"),
+                "host": status.get("host"), "payload": Jsonb(status)}).fetchone()[0]
+            if was_online is None or was_online != (state == "online"):
+                self.event(now, f"agent_{state}", agent_id=msg.agent,
+                           message=f"{msg.agent} is {state}", details=status)
 
     # -- audit ----------------------------------------------------------------------------
     def track_conditions(self, views: list[AgentView], now: datetime) -> None:
