@@ -340,8 +340,10 @@ def test_canonical_form_and_signature_as_the_script_states_them(vector):
 def test_alphabet_and_limits_match_the_contract_and_the_linux_agent():
     safe = ps_scalar("SafeText")
     script_class = re.compile(re.fullmatch(r"\\A(\[.*\])\*\\z", safe).group(1))
-    linux_class = re.compile(re.search(r"SAFE_TEXT = re.compile\(r'\^(\[.*?\])\*\$'\)", LINUX)
+    # The Linux agent always fullmatches its pattern (a `$` would admit a final newline).
+    linux_class = re.compile(re.search(r"SAFE_TEXT = re.compile\(r'(\[.*?\])\*'\)", LINUX)
                              .group(1))
+    assert "SAFE_TEXT.match(" not in LINUX and "SAFE_TEXT.fullmatch(" in LINUX
     schema = json.loads((REPO / "agents/contract/command.schema.json").read_text())
     schema_class = re.compile(re.fullmatch(r"\^(\[.*\])\*\$",
                                            schema["properties"]["reason"]["pattern"]).group(1))
