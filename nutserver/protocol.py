@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import threading
+import time
 from dataclasses import dataclass
 
 from nutserver import VERSION
@@ -49,6 +50,12 @@ class Ups:
     stale: bool = False  # answered DATA-STALE, as upsd does for a driver past MAXAGE
     agent_id: str | None = None  # the `nut` agent watching this UPS, if any
     fsd_commands: tuple[str, ...] = ()  # shutdown commands that put FSD up
+    # time.monotonic() from which it is stale if no refresh replaces it (the database is
+    # unreachable): upsd ages a lost driver's data the same way. None: never.
+    stale_at: float | None = None
+
+    def is_stale(self) -> bool:
+        return self.stale or (self.stale_at is not None and time.monotonic() >= self.stale_at)
 
 
 @dataclass(frozen=True)
@@ -293,7 +300,7 @@ class Session:
         var = rest[1]
         if sub == "DESC":
             return [f"DESC {ups.name} {var} {quote(DESCRIPTIONS.get(var, 'Description unavailable'))}"]
-        if ups.stale:
+        if ups.is_stale():
             return ["ERR DATA-STALE"]
         variables = self._variables(ups) if var == "ups.status" else ups.variables
         if var not in variables:
@@ -322,12 +329,12 @@ class Session:
         query = " ".join([sub, *rest])
         body: list[str] = []
         if sub == "VAR":
-            if ups.stale:
+            if ups.is_stale():
                 return ["ERR DATA-STALE"]
             variables = self._variables(ups)
             body = [f"VAR {ups.name} {k} {quote(v)}" for k, v in variables.items()]
         elif sub in ("ENUM", "RANGE"):
-            if ups.stale:
+            if ups.is_stale():
                 return ["ERR DATA-STALE"]
             if rest[1] not in ups.variables:
                 return ["ERR VAR-NOT-SUPPORTED"]

@@ -76,7 +76,8 @@ class NutServer:
                 self.ready.set()
             except psycopg.Error as exc:
                 log.error("database: %s; retrying in %.0f s (the UPSes keep their last state "
-                          "until it is older than their stale limit)", exc,
+                          "until it is older than their stale limit, on battery their dead "
+                          "limit; FSD already shown stays)", exc,
                           self.settings.poll_sec)
                 if conn is not None:
                     conn.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 
 import psycopg
@@ -48,7 +49,12 @@ SELECT a.agent_id, a.nut_ups, a.soc_threshold,
 
 # Shutdowns and aborts of `nut` agents. A shutdown puts FSD up from its commit point (the
 # decision plus its abort window) for as long as its episode is open (the worker keeps an
-# `episode` condition per station while it is), unless an abort came before the commit point.
+# `episode` condition per station while it is), unless an abort came before the commit point,
+# or it has gone through (`done`): a logged-in client read FSD (`executing`), every client
+# logged out after that (the host halted: `agent_offline`), and the grid is back, confirmed
+# (the worker's `power_returned_after_commit`). A host switched on again after that (Wake-on-
+# LAN, the button) sees the grid as it is; one booted while the battery is still critical
+# sees FSD again, as upsmon's own FSD latch would show it.
 NUT_COMMANDS = """
 SELECT c.id::text, c.agent_id, c.action, c.cancels_id::text, c.episode_id, c.ack_status,
        c.status, c.expires_at > now() AS live,
@@ -57,7 +63,14 @@ SELECT c.id::text, c.agent_id, c.action, c.cancels_id::text, c.episode_id, c.ack
        EXISTS (SELECT 1 FROM commands x WHERE x.action = 'abort' AND x.cancels_id = c.id)
            AS aborted,
        EXISTS (SELECT 1 FROM policy_conditions pc WHERE pc.condition = 'episode'
-                  AND pc.details->>'identity' = c.episode_id) AS episode_open
+                  AND pc.details->>'identity' = c.episode_id) AS episode_open,
+       EXISTS (SELECT 1 FROM policy_events p WHERE p.kind = 'power_returned_after_commit'
+                  AND p.command_id = c.id)
+       AND EXISTS (SELECT 1 FROM command_acks k
+                    WHERE k.command_id = c.id AND k.status = 'executing'
+                      AND EXISTS (SELECT 1 FROM policy_events o
+                                   WHERE o.kind = 'agent_offline' AND o.agent_id = c.agent_id
+                                     AND o.ts >= k.received_at)) AS done
   FROM commands c
   JOIN agents a ON a.agent_id = c.agent_id AND a.kind = 'nut'
  WHERE c.action IN ('shutdown', 'abort') AND c.issued_at > now() - interval '30 days'
@@ -117,6 +130,13 @@ def is_stale(st: Station) -> bool:
     return st.age > st.stale_after and st.grid is not False
 
 
+def stale_in(st: Station) -> float:
+    """Seconds until `is_stale` turns true if no newer reading is seen (0: stale already)."""
+    if is_stale(st):
+        return 0.0
+    return (st.dead_after if st.grid is False else st.stale_after) - st.age
+
+
 def variables(st: Station, fsd: bool, charge_low: float) -> dict[str, str]:
     model = st.model or "EcoFlow power station"
     v: dict[str, str] = {}
@@ -169,6 +189,7 @@ class Poller:
 
     def refresh(self) -> None:
         conn = self.conn
+        read_at = time.monotonic()  # the ages below are as of about now
         stations = [Station(*row) for row in conn.execute(STATIONS).fetchall()]
         by_sn = {s.sn: s for s in stations}
         by_name = {s.name: s for s in stations if s.name}
@@ -198,9 +219,9 @@ class Poller:
         # Which shutdowns hold FSD up, per agent.
         fsd: dict[str, list[str]] = {}
         shutdowns = {c[0]: c for c in commands if c[2] == "shutdown"}
-        for cid, agent, _action, _c, _e, _ack, _s, _live, committed, _at, aborted, open_ in (
-                shutdowns.values()):
-            if open_ and ((committed and not aborted) or cid in self._latched):
+        for (cid, agent, _action, _c, _e, _ack, _s, _live, committed, _at, aborted, open_,
+             done) in shutdowns.values():
+            if open_ and not done and ((committed and not aborted) or cid in self._latched):
                 fsd.setdefault(agent, []).append(cid)
                 self._latched.add(cid)
         counts = self.registry.login_counts()
@@ -213,7 +234,10 @@ class Poller:
             desc = f"EcoFlow {st.name or st.model or 'station'} ({st.sn})"
             snapshot[ups] = Ups(ups, desc, variables(st, bool(cmds), charge_low),
                                 stale=is_stale(st) and not cmds, agent_id=agent_id,
-                                fsd_commands=cmds)
+                                fsd_commands=cmds,
+                                # FSD, once shown, stays for the episode (SAFETY S7); the
+                                # rest ages while the database is unreachable.
+                                stale_at=None if cmds else read_at + stale_in(st))
         self.registry.snapshot = snapshot
 
         reports: list[tuple[str, str, dict]] = []
@@ -226,8 +250,8 @@ class Poller:
                     "state": "online" if online else "offline", "platform": "nut",
                     "host": f"{counts.get(ups, 0)} NUT client(s) on {ups}"}))
         ups_of = {agent: ups for ups, (agent, _t) in watchers.items()}
-        for cid, agent, action, cancels, _e, ack, _st, live, _c, commit_at, aborted, open_ in (
-                commands):
+        for (cid, agent, action, cancels, _e, ack, _st, live, _c, commit_at, aborted, open_,
+             _done) in commands:
             ups = ups_of.get(agent)
             if ups is None or ack is not None or not live:
                 continue

@@ -21,7 +21,7 @@ from policy.worker import Worker, rows_as_dicts
 from servicekit.settings import SettingsError
 
 STATE_TABLES = ("commands", "command_acks", "policy_events", "policy_conditions",
-                "episode_closures", "agent_status")
+                "episode_closures", "agent_status", "nut_reports")
 # Copied, not emptied: a device's name and freshness limits, and the stored topology when
 # the replay has no configuration of its own.
 TOPOLOGY_TABLES = ("devices", "agents", "agent_supplies")

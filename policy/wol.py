@@ -168,10 +168,12 @@ SELECT EXISTS (SELECT 1 FROM policy_events
                   AND episode_id = %(episode)s)
 """
 
-# The host came back by itself (BIOS "restore on AC power", someone pressed the button): its
-# agent is online again, having changed state after the commit point.
-BACK_ONLINE = """
-SELECT online AND changed_at > %(since)s FROM agent_status WHERE agent_id = %(agent)s
+# Whether the host is up: its agent is online. Changed after the commit point: it came back
+# by itself (BIOS "restore on AC power", someone pressed the button). Online since before the
+# commit point: it has not gone down yet (a NAS can take minutes to halt), and a packet now
+# would reach a running host that then halts and is never woken.
+AGENT_ONLINE = """
+SELECT online, changed_at > %(since)s FROM agent_status WHERE agent_id = %(agent)s
 """
 
 
@@ -229,13 +231,15 @@ class WakeOnLan:
                            "port": target.port, "packets": self.packets,
                            "restart_soc": self.restart_soc(target), "soc": socs,
                            "shutdown_status": status}
-                back = conn.execute(BACK_ONLINE, {"agent": agent_id,
-                                                  "since": commit_point}).fetchone()
-                if back and back[0]:
+                up = conn.execute(AGENT_ONLINE, {"agent": agent_id,
+                                                 "since": commit_point}).fetchone()
+                if up and up[0] and up[1]:
                     worker.event(now, "wol_not_needed", agent_id=agent_id, episode_id=episode,
                                  command_id=cmd_id, details=details,
                                  message=f"{agent_id} is back online already; no wake-up")
                     continue
+                if up and up[0] and status != "dry_run":
+                    continue  # still halting: wait until its agent goes offline
                 item = (target, cmd_id, episode, details)
                 if self.dry_run or status == "dry_run":
                     dry.append(item)

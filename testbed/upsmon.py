@@ -3,6 +3,7 @@ configuration, state directory and a harmless SHUTDOWNCMD that appends a line to
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ def find_upsmon() -> str | None:
 
 class Upsmon:
     def __init__(self, monitor: str, user: str, password: str, role: str = "secondary"):
+        self.monitor = monitor
         self.base = Path(tempfile.mkdtemp(prefix="ecoflow-upsmon-"))
         self.shutdown_log = self.base / "shutdown.log"
         self.output = self.base / "upsmon.out"
@@ -38,11 +40,17 @@ class Upsmon:
         (self.base / "upsmon.conf").chmod(0o600)
         (self.base / "nut.conf").write_text("MODE=netclient\n")
         self.proc: subprocess.Popen | None = None
+        self._lock = None
 
     def start(self) -> Upsmon:
         binary = find_upsmon()
         if binary is None:
             raise RuntimeError("upsmon not found: install nut-client (scripts/install-system-deps)")
+        # upsmon keeps its PID file where it was built to (/run/nut, whatever NUT_ALTPIDPATH
+        # says) and refuses to start beside a running instance: one at a time on this machine,
+        # across test processes.
+        self._lock = open(os.path.join(tempfile.gettempdir(), "ecoflow-upsmon.lock"), "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
         env = dict(os.environ, NUT_CONFPATH=str(self.base), NUT_STATEPATH=str(self.base),
                    NUT_ALTPIDPATH=str(self.base))
         user = ["-u", "root"] if os.geteuid() == 0 else []
@@ -67,4 +75,7 @@ class Upsmon:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+        if self._lock is not None:
+            self._lock.close()  # releases the lock
+            self._lock = None
         shutil.rmtree(self.base, ignore_errors=True)

@@ -237,3 +237,105 @@ def test_nut_agents_and_settings_are_checked_at_start(tmp_path):
     with pytest.raises(SettingsError, match="NUT_UPS_JSON"):
         load_settings(ups_json='{"bad name": "Study"}')
     assert load_settings(users_json='{"monuser": "secret"}').users()["monuser"].password == "secret"
+
+
+def test_database_unreachable_ages_the_last_state_as_upsd_ages_a_lost_driver(
+        db, db_url, monkeypatch):
+    """The server loses the database: it must neither serve `OL` forever (upsmon would never
+    learn the grid is gone) nor invent anything. As upsd with a driver gone past MAXAGE, the
+    last state is served until it is older than the station's limit, then DATA-STALE: on grid
+    past `stale_after_sec`; last seen on battery only past `dead_after_sec` (SAFETY S2), from
+    when upsmon treats it as critical, as the policy's `dead_on_battery` does."""
+    import psycopg
+
+    from nutserver.state import Poller
+
+    add_station(db, stale_after=2, dead_after=4)
+    add_station(db, sn="R331ZEB4ZEA0067890", name="Garage", stale_after=2, dead_after=4)
+    reading(db, soc=80, grid=True)
+    reading(db, soc=50, grid=False, sn="R331ZEB4ZEA0067890")
+    server = start_server(db_url, ups_json='{"ups": "Study", "garage": "Garage"}')
+    c = Client(server.port)
+    try:
+        assert c.ask("GET VAR ups ups.status") == 'VAR ups ups.status "OL"'
+
+        def unreachable(self):
+            raise psycopg.OperationalError("connection refused (test)")
+
+        monkeypatch.setattr(Poller, "refresh", unreachable)
+        time.sleep(3)
+        assert c.ask("GET VAR ups ups.status") == "ERR DATA-STALE"
+        assert c.ask("LIST VAR ups") == "ERR DATA-STALE"
+        assert c.ask("GET VAR garage ups.status") == 'VAR garage ups.status "OB DISCHRG"'
+        time.sleep(2)
+        assert c.ask("GET VAR garage ups.status") == "ERR DATA-STALE"
+        # Back: served again from the database.
+        monkeypatch.undo()
+        reading(db, soc=80, grid=True)
+        time.sleep(1.5)
+        assert c.ask("GET VAR ups ups.status") == 'VAR ups ups.status "OL"'
+    finally:
+        c.close()
+        server.stop()
+
+
+def test_fsd_from_the_commit_point_until_the_shutdown_has_gone_through(db, db_url, tmp_path):
+    """The server's side of the rule, from the rows the worker writes: no FSD inside the abort
+    window; `OB LB FSD` from the commit point, also with the grid back, until the shutdown
+    has gone through (a logged-in client read FSD, all clients logged out, the grid is back
+    confirmed); never `LB` without a decision."""
+    import json
+    import uuid
+
+    import psycopg
+    from psycopg.types.json import Jsonb
+
+    from nutserver.protocol import Registry, Session, User
+    from nutserver.state import Poller
+    from policy import topology
+    from policy.settings import PolicySettings
+
+    add_station(db)
+    reading(db, soc=5, grid=False, remain_min=2)  # the station's own low battery
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"agents": {"nas": {"kind": "nut", "ups": "ups",
+                                                   "supplies": [SN]}}}))
+    topology.sync(db, PolicySettings(config_file=path))
+    episode = f"{SN}-1"
+    db.execute("INSERT INTO policy_conditions (subject, condition, since, device_sn, details)"
+               " VALUES (%s, 'episode', now(), %s, %s)",
+               (f"device:{SN}", SN, Jsonb({"identity": episode})))
+    cmd = uuid.uuid4()
+    db.execute("INSERT INTO commands (id, agent_id, action, episode_id, reason, delay_sec,"
+               " ttl_sec, issued_at, expires_at, payload, attempt) VALUES (%s, 'nas',"
+               " 'shutdown', %s, 'soc', 60, 300, now(), now() + interval '300 s', '{}', 1)",
+               (cmd, episode))
+    registry = Registry({"monuser": User("secret")})
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        poller = Poller(conn, registry, {}, False, 10.0)
+
+        def status() -> str:
+            poller.refresh()
+            session = Session(registry, "192.0.2.10")
+            for line in ("USERNAME monuser", "PASSWORD secret", "LOGIN ups"):
+                assert session.handle(line) == (["OK"], False)
+            answer, _ = session.handle("GET VAR ups ups.status")
+            session.close()
+            poller.refresh()
+            return answer[0].split('"')[1]
+
+        assert status() == "OB DISCHRG"  # decided, inside its abort window: no LB, no FSD
+        db.execute("UPDATE commands SET issued_at = now() - interval '61 s' WHERE id = %s",
+                   (cmd,))
+        assert status() == "OB LB FSD"  # the commit point
+        # The grid is back, confirmed, but no client has read FSD since: it goes through.
+        reading(db, soc=6, grid=True)
+        db.execute("INSERT INTO policy_events (ts, kind, agent_id, command_id)"
+                   " VALUES (now(), 'power_returned_after_commit', 'nas', %s)", (cmd,))
+        assert status() == "OB LB FSD"
+        # A client read it (executing) and every client logged out (the host halted).
+        db.execute("INSERT INTO command_acks (command_id, agent_id, status, received_at)"
+                   " VALUES (%s, 'nas', 'executing', now())", (cmd,))
+        db.execute("INSERT INTO policy_events (ts, kind, agent_id)"
+                   " VALUES (now(), 'agent_offline', 'nas')")
+        assert status() == "OL"

@@ -106,9 +106,14 @@ def test_upsmon_shuts_down_exactly_once_when_the_policy_decides(rig):
     # Nothing went to the broker for a NUT agent.
     assert not [m for m in listener.messages if m["topic"] == "power-manager/nas/cmd"]
 
-    # FSD holds for the rest of the episode, also with the grid back; still one run.
-    seen = drive(db, worker, probe, 3, soc=30, grid=True)
-    assert set(seen) == {'VAR ups ups.status "OB LB FSD"'}
+    # With the grid back FSD holds (SAFETY S7: the shutdown goes through) until it has: upsmon
+    # read FSD and logged out as it halted, and the grid is confirmed back. Then the UPS shows
+    # the grid as it is, for a host switched on again; never FSD again. Still one run.
+    seen = drive(db, worker, probe, 5, soc=30, grid=True)
+    assert seen[0] == 'VAR ups ups.status "OB LB FSD"', seen
+    assert seen[-1] == 'VAR ups ups.status "OL"', seen
+    first_ol = seen.index('VAR ups ups.status "OL"')
+    assert set(seen[first_ol:]) == {'VAR ups ups.status "OL"'}, seen
     time.sleep(2)
     assert upsmon.shutdowns() == 1
 
@@ -145,3 +150,47 @@ def test_grid_back_inside_the_abort_window_never_shows_fsd(rig):
     assert upsmon.shutdowns() == 0, upsmon.log()
     assert db.execute("SELECT status FROM commands WHERE agent_id = 'nas' AND action = 'abort'"
                       ).fetchall() == [("aborted",)]
+
+
+def agent_online(db) -> bool | None:
+    row = db.execute("SELECT online FROM agent_status WHERE agent_id = 'nas'").fetchone()
+    return row[0] if row else None
+
+
+def wait_online(db, worker, want: bool, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while agent_online(db) is not want:
+        assert time.monotonic() < deadline, f"agent online {agent_online(db)}, want {want}"
+        worker.step()
+        time.sleep(0.2)
+
+
+def test_a_host_booted_after_the_power_returned_is_not_shut_down_again(rig):
+    """The shutdown went through (upsmon saw FSD, ran SHUTDOWNCMD, logged out), then the grid
+    came back and stayed (confirmed) inside the cooldown, so the episode is still open. The
+    host is switched on again (Wake-on-LAN, BIOS "restore on AC", the button): its upsmon
+    logs in and must see `OL`, not the FSD of a shutdown that is over (SAFETY S3, S8)."""
+    db, worker, upsmon, probe, _listener = rig
+    wait_online(db, worker, True)
+    drive(db, worker, probe, DEBOUNCE + DELAY + 6, soc=14, grid=False)
+    assert upsmon.shutdowns() == 1, upsmon.log()
+    upsmon.stop()  # the host halted: its upsmon is gone, the agent offline
+    wait_online(db, worker, False)
+    # Battery still critical, grid still out: a host booted now is shut down again.
+    seen = drive(db, worker, probe, 1, soc=14, grid=False)
+    assert set(seen) == {'VAR ups ups.status "OB LB FSD"'}
+    # Grid back and confirmed (2 s), within the 300 s cooldown: the episode stays open.
+    drive(db, worker, probe, 4, soc=30, grid=True)
+    assert db.execute("SELECT count(*) FROM policy_events WHERE agent_id = 'nas'"
+                      " AND kind = 'power_returned_after_commit'").fetchone()[0] == 1
+    assert db.execute("SELECT count(*) FROM policy_conditions WHERE condition = 'episode'"
+                      ).fetchone()[0] == 1
+    booted = Upsmon(upsmon.monitor, "monuser", "secret").start()
+    try:
+        seen = drive(db, worker, probe, 8, soc=31, grid=True)
+        assert booted.shutdowns() == 0, booted.log()
+        assert set(seen) == {'VAR ups ups.status "OL"'}, seen
+        assert probe.ask("GET NUMLOGINS ups") == "NUMLOGINS ups 1", booted.log()
+        wait_online(db, worker, True)
+    finally:
+        booted.stop()

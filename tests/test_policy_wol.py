@@ -322,3 +322,23 @@ def test_replay_never_sends_a_packet(db, tmp_path, catcher):
                                                    "wol_port": catcher.port}}))
     topology.sync(db, settings)
     assert Worker(db, settings).wol.dry_run
+
+
+def test_host_still_halting_is_woken_only_once_its_agent_has_gone_offline(
+        db, make_policy, tmp_path, catcher):
+    """The agent acked `executing` and is still online (a NAS takes minutes to halt) when the
+    power is back and charged: a magic packet now reaches a running host, which then halts
+    and is never woken, since the packet goes out once per episode. Wait for the halt (the
+    agent's Last Will, or a NUT client's logout), then wake it."""
+    agent = agent_name("pc")
+    outage(db, charging(310, 700))
+    policy = wol_policy(make_policy, tmp_path, catcher, agent)
+    deliver_to_worker(policy, status_message(agent, "online"))
+    shut_down(policy, agent)
+    policy.run_until(520)  # power back confirmed at 340 s, 30 % reached at 470 s
+    assert catcher.packets(wait=0.05) == [] and wol_events(db, agent) == []
+    deliver_to_worker(policy, status_message(agent, "offline"))  # halted at last
+    policy.run_until(530)
+    assert catcher.packets() == [MAGIC] * 3
+    (kind, ts, *_), = wol_events(db, agent)
+    assert (kind, ts) == ("wol_sent", at(525))
