@@ -31,6 +31,9 @@ PROFILES = {
     "bridge": {"bridge-collector"},
     "demo": {"simulator", "demo-collector", "demo-agent"},
     "metrics": {"prometheus"},
+    "status-api": {"status-api"},
+    "nut": {"nut"},
+    "ha": {"ha"},
 }
 # Interpolation: ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message}.
 VARIABLE = re.compile(r"(?<!\$)\$\{([A-Z][A-Z0-9_]*)(?:(:?[-?])([^}]*))?\}")
@@ -357,6 +360,27 @@ def test_each_collector_receives_every_setting_its_sources_read(compose, service
                                f"unknown: {sorted(given - expected)}")
 
 
+def service_settings() -> dict[str, tuple[type, dict[str, str]]]:
+    """The settings class and its variables (field -> name) of each optional service."""
+    from hadiscovery.cli import ENV_NAMES as HA
+    from hadiscovery.cli import HaSettings
+    from nutserver.settings import ENV as NUT
+    from nutserver.settings import NutSettings
+    from statusapi.cli import ENV_NAMES as STATUS
+    from statusapi.cli import StatusApiSettings
+
+    return {"nut": (NutSettings, NUT), "ha": (HaSettings, HA),
+            "status-api": (StatusApiSettings, STATUS)}
+
+
+@pytest.mark.parametrize("service", ["nut", "ha", "status-api"])
+def test_each_optional_service_receives_every_setting_of_its_own(compose, service):
+    _cls, names = service_settings()[service]
+    given = set(compose["services"][service]["environment"])
+    missing = set(names.values()) - given - set(NOT_PASSED)
+    assert not missing, f"not passed to {service}: {sorted(missing)}"
+
+
 def test_a_policy_file_can_be_mounted(compose):
     policy = compose["services"]["policy"]
     mounts = dict(v.split(":")[:2] for v in policy["volumes"])
@@ -378,6 +402,8 @@ def test_every_passed_through_setting_is_documented_with_the_services_default(co
     commented = dict(re.findall(r"^#([A-Z][A-Z0-9_]*)=(.*)$", example, re.M))
     fields = {var: (PolicySettings, f) for f, var in POLICY.items()}
     fields |= {var: (CollectorSettings, f) for f, var in COLLECTOR.items()}
+    for cls, names in service_settings().values():
+        fields |= {var: (cls, f) for f, var in names.items()}
     names = set().union(*(passed_through(svc) for svc in compose["services"].values()
                           if "environment" in svc))
     assert names, "nothing passed through"
