@@ -2,7 +2,8 @@
 
 Fixtures live in tests/fixtures/families/ (provenance in each file): first-generation River
 (River Pro latestQuotas reply, River Max app pushes), River 3 Plus and Delta 3 gen-3 messages
-(BMS heartbeats of both packs, CMS heartbeat, display and runtime uploads). A product type we
+(BMS heartbeats of both packs, CMS heartbeat, display and runtime uploads), Stream AC Pro and
+Ultra, Delta Pro Ultra, Smart Home Panel 2 and PowerOcean protobuf messages. A product type we
 do not map is kept raw, marked unmapped, counted, and named by `decode` and `doctor`.
 """
 
@@ -32,18 +33,24 @@ def load(name: str) -> dict[str, Any]:
 
 
 def _fill(message: Message, captured: dict[str, Any]) -> None:
-    """Copy the captured fields our schema carries, by their JSON names."""
+    """Copy the captured fields our schema carries, by their JSON names. The adapter keeps an
+    underscore before a digit (`outAcL1_1Pwr`, `inAc_5p8Pwr`) where protobuf's JSON name drops
+    it (`outAcL11Pwr`): the same field."""
     by_name = message.DESCRIPTOR.fields_by_camelcase_name
     for key, value in captured.items():
-        field = by_name.get(key)
+        field = by_name.get(key) or by_name.get(key.replace("_", ""))
         if field is None:
             continue
         if field.message_type is not None:
-            _fill(getattr(message, field.name), value)
+            if isinstance(value, list):
+                for item in value:
+                    _fill(getattr(message, field.name).add(), item)
+            else:
+                _fill(getattr(message, field.name), value)
         elif field.type == field.TYPE_BYTES or isinstance(value, (dict, list)):
             continue  # e.g. bmsIsConnt, logged by the adapter as a list of numbers
         else:
-            json_format.ParseDict({key: value}, message, ignore_unknown_fields=True)
+            json_format.ParseDict({field.json_name: value}, message, ignore_unknown_fields=True)
 
 
 def protobuf_payload(document: dict[str, Any]) -> bytes:
@@ -62,7 +69,7 @@ def protobuf_payload(document: dict[str, Any]) -> bytes:
 def decode_fixture(name: str) -> Reading:
     document = load(name)
     if "message" in document:
-        (reading,) = decode(protobuf_payload(document))
+        (reading,) = decode(protobuf_payload(document), topic=document.get("topic"))
     else:
         payload, topic = payload_from_fixture(document)
         (reading,) = decode(payload, topic=topic)
@@ -232,3 +239,159 @@ def test_unmapped_payloads_are_counted_by_source_and_product():
                if s.name.startswith("ecoflow_collector_messages_unmapped")
                and s.name.endswith("_total")}
     assert samples == {("app_mqtt", "productType 9999"): 1}
+
+
+def _stream_display(**fields: Any) -> Reading:
+    message = pb.DisplayPropertyUpload()
+    json_format.ParseDict(fields, message)
+    (reading,) = decode(header_message({"cmdFunc": 254, "cmdId": 21, "src": 2, "dest": 32},
+                                       message.SerializeToString()))
+    return reading
+
+
+def test_stream_display_upload_is_the_stream_family_and_pv_is_the_sum_not_pv1():
+    """Stream Ultra: powGetPv (361) is PV input 1 (0 W) while powGetPvSum (517) is 142 W."""
+    reading = decode_fixture("streamultra_protobuf_1_display.json")
+    assert reading.family == "stream"
+    assert reading.raw["headers"][0]["pdata"]["powGetPv"] == 0
+    assert reading.values["pv_in_watts"] == 142
+    assert reading.values["ac_out_watts"] == 108 and reading.values["ac_in_watts"] == 0
+    assert "watts_in_sum" not in reading.values and "watts_out_sum" not in reading.values
+
+
+def test_stream_heartbeats_decode_as_gen3_battery_messages():
+    assert decode_fixture("streamultra_protobuf_2_cms_heartbeat.json").family == "gen3"
+    pack = decode_fixture("streamacpro_protobuf_3_bms_heartbeat.json")
+    assert pack.soc_modules == {"pack0": pytest.approx(10.59, abs=0.01)}
+
+
+def test_stream_grid_port_drawing_in_is_ac_in_and_grid_power_first_then_voltage():
+    # tolwi/hassio-ecoflow-cloud's Stream sample: -967.2 W with gridConnectionSta GRID_IN.
+    drawing = _stream_display(gridConnectionPower=-967.2364, gridConnectionSta=1).values
+    assert drawing["ac_in_watts"] == 967 and drawing["ac_out_watts"] == 0
+    assert drawing["grid_connected"] is True
+    # Power first: inflow with the voltage field at 0 is still the grid.
+    assert _stream_display(gridConnectionPower=-83.0, gridConnectionVol=0.0).values[
+        "grid_connected"] is True
+    # Voltage only.
+    assert _stream_display(gridConnectionVol=229.5).values["grid_connected"] is True
+    off = _stream_display(gridConnectionVol=0.0, gridConnectionPower=0.0).values
+    assert off["grid_connected"] is False
+    # Nothing about the grid port: unknown, not false.
+    assert "grid_connected" not in _stream_display(powGetPvSum=10.0).values
+
+
+def test_stream_rest_map_is_not_read_as_gen3():
+    document = {"code": "0", "message": "Success", "data": {
+        "cmsBattSoc": 11, "powGetPv": 0, "powGetPvSum": 142.0, "gridConnectionPower": 108.3}}
+    (reading,) = decode(json.dumps(document).encode())
+    assert reading.family == "stream"
+    assert reading.values["pv_in_watts"] == 142 and reading.values["ac_out_watts"] == 108
+
+
+DPU_TOPIC = "/app/device/property/Y711ZZ0000000001"
+
+
+def _dpu(message: Message, cmd_id: int, topic: str | None = DPU_TOPIC,
+         device_sn: str | None = None) -> Reading:
+    header = {"cmdFunc": 2, "cmdId": cmd_id, "src": 2, "dest": 32}
+    if device_sn:
+        header["deviceSn"] = device_sn
+    (reading,) = decode(header_message(header, message.SerializeToString()), topic=topic)
+    return reading
+
+
+def test_delta_pro_ultra_routes_need_its_serial_else_2_1_stays_the_smart_plug_heartbeat():
+    show = pb.DpuAppShowHeartbeat(soc=88, watts_in_sum=0.0, watts_out_sum=0.0)
+    dpu = _dpu(show, 1)
+    assert dpu.family == "delta_pro_ultra" and dpu.model == "Delta Pro Ultra"
+    assert dpu.values["soc_percent"] == 88
+    # The serial in the header names the model too.
+    assert _dpu(show, 1, topic=None, device_sn="Y711ZZ0000000001").family == "delta_pro_ultra"
+    plug = _dpu(pb.PlugHeartbeat(watts=125), 1, topic="/app/device/property/HW52ZZ0000000001")
+    assert plug.family == "smartplug"
+
+
+def test_delta_pro_ultra_remain_time_counts_to_empty_only_while_more_goes_out():
+    out = _dpu(pb.DpuAppShowHeartbeat(remain_time=600, watts_in_sum=0.0, watts_out_sum=250.0), 1)
+    assert out.values["remain_time_min"] == 600
+    charging = _dpu(pb.DpuAppShowHeartbeat(remain_time=90, watts_in_sum=1800.0,
+                                           watts_out_sum=20.0), 1)
+    assert "remain_time_min" in charging.values and charging.values["remain_time_min"] is None
+    idle = decode_fixture("deltaproultra_protobuf_1_app_show_heartbeat.json")
+    assert "remain_time_min" not in idle.values
+
+
+def test_delta_pro_ultra_grid_power_first_then_ac_in_voltage():
+    power = _dpu(pb.DpuAppShowHeartbeat(in_ac_c20_pwr=83.0, in_ac_5p8_pwr=0.0), 1).values
+    assert power["ac_in_watts"] == 83 and power["grid_connected"] is True
+    volts = _dpu(pb.DpuBackendHeartbeat(in_ac_c20_vol=0.0, in_ac_5p8_vol=241.5), 2).values
+    assert volts["grid_connected"] is True
+    assert decode_fixture("deltaproultra_protobuf_2_backend_heartbeat.json").values[
+        "grid_connected"] is False
+
+
+def test_delta_pro_ultra_packs_give_the_minimum():
+    reading = decode_fixture("deltaproultra_protobuf_3_battery_packs.json")
+    assert reading.soc_modules == {"pack1": 81, "pack2": 89, "pack3": 94, "pack4": 94}
+
+
+def test_gen3_usb_ports_and_ac_charger_flag_decode_from_protobuf():
+    display = decode_fixture("delta3_protobuf_1_display.json").values
+    assert display["usb_out_watts"] == 2 and display["typec_out_watts"] == 0
+    # Field 202 (AC charger) is weak evidence when neither power nor voltage is reported.
+    message = pb.DisplayPropertyUpload(plug_in_info_ac_charger_flag=1)
+    (reading,) = decode(header_message({"cmdFunc": 254, "cmdId": 21, "src": 2, "dest": 32},
+                                       message.SerializeToString()))
+    assert reading.values["grid_connected"] is True
+
+
+def test_smart_home_panel_2_packs_are_the_connected_batteries_only():
+    reading = decode_fixture("panel2_protobuf_1_push_and_set.json")
+    assert reading.family == "panel2"
+    assert reading.soc_modules == {"energy1": 100, "energy2": 100}  # slot 3 is empty (0 %)
+
+
+def test_smart_home_panel_2_grid_from_the_houses_grid_power_first_then_volts():
+    def panel(message: Message, cmd_id: int) -> dict[str, Any]:
+        (reading,) = decode(header_message({"cmdFunc": 12, "cmdId": cmd_id, "src": 11,
+                                            "dest": 32}, message.SerializeToString()))
+        return reading.values
+
+    stat = pb.Panel2TimeStat()
+    stat.master_info.grid_watt = 830.0
+    assert panel(stat, 1) == {"grid_connected": True}
+    push = pb.Panel2PushAndSet(grid_vol=0)
+    push.master_incre_info.grid_vol = 0
+    assert panel(push, 32)["grid_connected"] is False
+    push.master_incre_info.grid_vol = 241
+    assert panel(push, 32)["grid_connected"] is True
+
+
+def test_powerocean_packs_are_named_by_serial_and_messages_are_the_powerocean_family():
+    packs = decode_fixture("powerocean_protobuf_2_battery_packs.json")
+    assert packs.family == "powerocean"
+    assert packs.soc_modules == {"HJ3AZ12345678": 37}
+
+
+def test_powerocean_wire_frame_without_columns_decodes_to_nothing_guessed():
+    """A whole 96/8 frame as a PowerOcean sent it (shuette42/ecoflow-energy-ha issue #225,
+    https://github.com/shuette42/ecoflow-energy-ha/issues/225; module serial masked as X by the
+    reporter): its pdata carries only fields 612 and 613, which we do not decode."""
+    frame = bytes.fromhex(
+        "0a3c0a06a02601a8260110601820200128013803406048085006580170c7c99a047881ac01800103"
+        "880101c2011058585858585858585858585858585858")
+    (reading,) = decode(frame)
+    assert reading.family == "powerocean"
+    assert reading.values == {} and reading.soc_modules == {}
+    assert reading.raw["headers"][0]["cmdFunc"] == 96 and reading.raw["headers"][0]["cmdId"] == 8
+
+
+def test_powerocean_pv_is_unknown_when_a_string_has_no_power():
+    heartbeat = pb.PowerOceanEmsHeartbeat()
+    mppt = heartbeat.mpptHeartBeat.add()
+    mppt.mpptPv.add(pwr=1749.2)
+    mppt.mpptPv.add(vol=363.3)
+    (reading,) = decode(header_message({"cmdFunc": 96, "cmdId": 1, "src": 96, "dest": 32},
+                                       heartbeat.SerializeToString()))
+    assert "pv_in_watts" not in reading.values

@@ -17,9 +17,10 @@ the collector stores NULL for it until a real value arrives. soc_min_percent is 
 pack in the payload, or the headline SoC marked `collector.rows.HeadlineSoc`, which the
 snapshot merge replaces by the lowest pack it knows (collector.rows.SnapshotMerger).
 
-Families, one module each: `delta_gen1` (Delta Pro, Delta Max), `delta_gen2` (Delta 2 / 2 Max,
-River 2 family), `gen3` (River 3, Delta 3, Delta Pro 3: protobuf and Delta Pro 3 REST),
-`powerstream`, `smartplug`.
+Families, one module each: `delta_gen1` (Delta Pro, Delta Max), `river_gen1` (River, River Pro,
+River Max), `delta_gen2` (Delta 2 / 2 Max, River 2 family), `gen3` (River 3, Delta 3, Delta Pro
+3: protobuf and Delta Pro 3 REST), `stream` (Stream AC / AC Pro / Ultra), `delta_pro_ultra`,
+`panel2` (Smart Home Panel 2), `powerocean`, `powerstream`, `smartplug`.
 """
 
 from .reading import COLUMNS, DecodeError, Reading

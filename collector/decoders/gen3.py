@@ -22,12 +22,14 @@ def _sum_present(*values: Any) -> int | None:
     return sum(present) if present else None
 
 
-def decode(
+def battery(
     fields: dict[str, Any],
     cms: dict[str, Any] | None = None,
     bms_packs: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Columns and per-pack SoCs from display/runtime fields, a CMS status and BMS heartbeats."""
+    """SoC, runtime and battery temperature columns, and per-pack SoCs, from display fields
+    (`cmsBattSoc`, `bmsBattSoc`, `cmsDsgRemTime`), a CMS status and BMS heartbeats: the same
+    fields on every gen-3 station and on Stream."""
     f = fields.get
     cms = cms or {}
     packs: dict[str, float] = {}
@@ -51,6 +53,21 @@ def decode(
         remain = cms.get("dsgRemainTime")
     # 5939 / 5999, or 0 while the CMS says charging (282 = 2), clear the stored runtime.
     charging = number(f("cmsChgDsgState")) == 2
+    return {
+        "soc_percent": soc,
+        "remain_time_min": remain_minutes(remain, charging),
+        "battery_temp_c": battery_temp,
+    }, packs
+
+
+def decode(
+    fields: dict[str, Any],
+    cms: dict[str, Any] | None = None,
+    bms_packs: list[dict[str, Any]] | None = None,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Columns and per-pack SoCs from display/runtime fields, a CMS status and BMS heartbeats."""
+    f = fields.get
+    values, packs = battery(fields, cms, bms_packs)
 
     # Delta Pro 3 splits AC out and PV in over two ports; the others report one total each.
     ac_out = _sum_present(f("powGetAcHvOut"), f("powGetAcLvOut"))
@@ -61,9 +78,7 @@ def decode(
         pv = watts(f("powGetPv"))
 
     ac_in = watts(f("powGetAcIn"))
-    values = {
-        "soc_percent": soc,
-        "remain_time_min": remain_minutes(remain, charging),
+    values.update({
         "watts_in_sum": watts(f("powInSumW")),
         "watts_out_sum": out_watts(f("powOutSumW")),
         "ac_in_watts": ac_in,
@@ -77,6 +92,5 @@ def decode(
         "grid_connected": grid_from(number(f("plugInInfoAcInVol")), ac_in,
                                     f("plugInInfoAcInFlag"), f("plugInInfoAcChargerFlag"),
                                     family=FAMILY),
-        "battery_temp_c": battery_temp,
-    }
+    })
     return finish(values, packs), packs

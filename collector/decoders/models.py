@@ -19,6 +19,8 @@ SN_PREFIXES = (
     ("DAAB", "Delta Max"),
     ("DCAB", "Delta Pro"),
     ("DCEB", "Delta Pro"),
+    # Delta Pro Ultra: Y711 serials in public integrations' examples and tests.
+    ("Y711", "Delta Pro Ultra"),
 )
 
 # App `latestQuotas` replies name the model by number.

@@ -14,7 +14,8 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from google.protobuf.message import Message
 
 from ..proto import ecoflow_pb2 as pb
-from . import gen3, powerstream, smartplug
+from . import delta_pro_ultra, gen3, panel2, powerocean, powerstream, smartplug, stream
+from .models import model_for
 from .reading import DecodeError, Reading, epoch_ts
 
 # The src address of EcoFlow's cloud: its messages are never XOR-obfuscated.
@@ -29,6 +30,21 @@ ROUTES: dict[tuple[int, int], type[Message]] = {
     (3, 50): pb.BmsHeartbeat,
     (20, 1): pb.InverterHeartbeat,
     (2, 1): pb.PlugHeartbeat,
+    (12, 1): pb.Panel2TimeStat,
+    (12, 32): pb.Panel2PushAndSet,
+    (96, 1): pb.PowerOceanEmsHeartbeat,
+    (96, 7): pb.PowerOceanBpStaReport,
+    (96, 8): pb.PowerOceanEmsChangeReport,
+}
+
+# Routes whose message depends on the model: cmd_func 2 is the Smart Plug's (2/1 heartbeat) on
+# a plug and the Delta Pro Ultra's own reports on that station. Without a model, ROUTES decide.
+MODEL_ROUTES: dict[str, dict[tuple[int, int], type[Message]]] = {
+    delta_pro_ultra.MODEL: {
+        (2, 1): pb.DpuAppShowHeartbeat,
+        (2, 2): pb.DpuBackendHeartbeat,
+        (2, 4): pb.DpuBatteryPackReport,
+    },
 }
 
 # Routes we recognise but that carry no column (set commands and replies, time tasks, other
@@ -72,9 +88,21 @@ def parse(data: bytes) -> pb.HeaderMessage:
     return envelope
 
 
-def decode(data: bytes, transport: str = "binary") -> Reading:
-    """One merged Reading from every header in a HeaderMessage."""
+def decode(data: bytes, transport: str = "binary", model: str | None = None) -> Reading:
+    """One merged Reading from every header in a HeaderMessage. `model` (from the topic's
+    serial number; else the headers' device_sn) picks the message of model-specific routes."""
     envelope = parse(data)
+    if model is None:
+        model = next((model_for(h.device_sn) for h in envelope.header if h.device_sn), None)
+    model_routes = MODEL_ROUTES.get(model or "", {})
+    dpu_show: dict[str, Any] = {}
+    dpu_backend: dict[str, Any] = {}
+    dpu_packs: list[dict[str, Any]] = []
+    panel_push: dict[str, Any] = {}
+    panel_stat: dict[str, Any] = {}
+    ocean_change: dict[str, Any] = {}
+    ocean_heartbeat: dict[str, Any] = {}
+    ocean_packs: list[dict[str, Any]] = []
     fields: dict[str, Any] = {}
     cms: dict[str, Any] = {}
     bms_packs: list[dict[str, Any]] = []
@@ -91,7 +119,7 @@ def decode(data: bytes, transport: str = "binary") -> Reading:
         entry.pop("pdata", None)
         device_sn = device_sn or (header.device_sn or None)
         ts = ts or epoch_ts(header.time_snap if header.HasField("time_snap") else None)
-        message_class = ROUTES.get(route)
+        message_class = model_routes.get(route) or ROUTES.get(route)
         if message_class is None:
             if route in KNOWN_ROUTES:
                 known += 1
@@ -119,6 +147,30 @@ def decode(data: bytes, transport: str = "binary") -> Reading:
         elif message_class is pb.BmsHeartbeat:
             bms_packs.append(content)
             families.append(gen3.FAMILY)
+        elif message_class is pb.DpuAppShowHeartbeat:
+            dpu_show.update(content)
+            families.append(delta_pro_ultra.FAMILY)
+        elif message_class is pb.DpuBackendHeartbeat:
+            dpu_backend.update(content)
+            families.append(delta_pro_ultra.FAMILY)
+        elif message_class is pb.DpuBatteryPackReport:
+            dpu_packs.extend(content.get("bpInfo", []))
+            families.append(delta_pro_ultra.FAMILY)
+        elif message_class is pb.Panel2PushAndSet:
+            panel_push.update(content)
+            families.append(panel2.FAMILY)
+        elif message_class is pb.Panel2TimeStat:
+            panel_stat.update(content)
+            families.append(panel2.FAMILY)
+        elif message_class is pb.PowerOceanEmsChangeReport:
+            ocean_change.update(content)
+            families.append(powerocean.FAMILY)
+        elif message_class is pb.PowerOceanEmsHeartbeat:
+            ocean_heartbeat.update(content)
+            families.append(powerocean.FAMILY)
+        elif message_class is pb.PowerOceanBpStaReport:
+            ocean_packs.extend(content.get("bpSta", []))
+            families.append(powerocean.FAMILY)
         elif message_class is pb.InverterHeartbeat:
             inverter.update(content)
             families.append(powerstream.FAMILY)
@@ -132,7 +184,19 @@ def decode(data: bytes, transport: str = "binary") -> Reading:
     values: dict[str, Any] = {}
     packs: dict[str, float] = {}
     if gen3.FAMILY in families:
-        values, packs = gen3.decode(fields, cms, bms_packs)
+        # A display upload with Stream's own fields is a Stream: same battery fields, other
+        # power fields (361 is PV input 1 there, not the PV total).
+        if not stream.MARKER_KEYS.isdisjoint(fields):
+            values, packs = stream.decode(fields, cms, bms_packs)
+            families = [stream.FAMILY if f == gen3.FAMILY else f for f in families]
+        else:
+            values, packs = gen3.decode(fields, cms, bms_packs)
+    if delta_pro_ultra.FAMILY in families:
+        values, packs = delta_pro_ultra.decode(dpu_show, dpu_backend, dpu_packs)
+    if powerocean.FAMILY in families:
+        values, packs = powerocean.decode(ocean_change, ocean_heartbeat, ocean_packs)
+    if panel2.FAMILY in families:
+        values, packs = panel2.decode(panel_push, panel_stat)
     if inverter:
         values.update(powerstream.decode(inverter)[0])
     family = families[0] if families else "protobuf"

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from . import delta_gen1, delta_gen2, gen3, powerstream, protobuf, river_gen1, smartplug
+from . import delta_gen1, delta_gen2, gen3, powerstream, protobuf, river_gen1, smartplug, stream
 from .json_envelopes import Unwrapped, unwrap
 from .models import model_for, unknown_product_type
 from .reading import DecodeError, Reading, epoch_ts
@@ -79,6 +79,8 @@ def _json_family(unwrapped: Unwrapped, model: str | None) -> str | None:
         return powerstream.FAMILY
     if smartplug.PREFIX in heads:
         return smartplug.FAMILY
+    if not stream.MARKER_KEYS.isdisjoint(keys):
+        return stream.FAMILY
     if not gen3.MARKER_KEYS.isdisjoint(keys):
         return gen3.FAMILY
     if model in river_gen1.MODELS or not river_gen1.MARKER_KEYS.isdisjoint(keys):
@@ -122,6 +124,8 @@ def decode_json(document: Any, topic: str | None = None, source: str | None = No
     elif family == smartplug.FAMILY:
         values, packs = smartplug.decode(_strip(unwrapped.fields, smartplug.PREFIX))
         model = model or "Smart Plug"
+    elif family == stream.FAMILY:
+        values, packs = stream.decode(unwrapped.fields)
     elif family == gen3.FAMILY:
         values, packs = gen3.decode(unwrapped.fields)
     elif family == river_gen1.FAMILY:
@@ -233,8 +237,9 @@ def decode(payload: bytes, topic: str | None = None, source: str | None = None) 
     unwrapped = _as_base64(payload)
     if unwrapped is not None:
         payload, transport = unwrapped, "base64"
-    reading = protobuf.decode(payload, transport)
-    reading.device_sn = sn_from_topic(topic) or serial_number(reading.device_sn)
+    topic_sn = sn_from_topic(topic)
+    reading = protobuf.decode(payload, transport, model_for(topic_sn) if topic_sn else None)
+    reading.device_sn = topic_sn or serial_number(reading.device_sn)
     reading.model = model_for(reading.device_sn)
     reading.source = source or _source_from(topic, "protobuf")
     return [reading]
