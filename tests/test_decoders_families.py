@@ -1,7 +1,8 @@
 """More device families against their captures: every decoded column equals what the device reported.
 
 Fixtures live in tests/fixtures/families/ (provenance in each file): first-generation River
-(River Pro latestQuotas reply, River Max app pushes), River 3 Plus and Delta 3 gen-3 messages
+(River Pro latestQuotas reply, River Max app pushes), first-generation Delta (Delta mini,
+Delta Max and Delta Pro latestQuotas replies, Delta mini and Delta Max pd pushes), River 3 Plus and Delta 3 gen-3 messages
 (BMS heartbeats of both packs, CMS heartbeat, display and runtime uploads), Stream AC Pro and
 Ultra, Delta Pro Ultra, Smart Home Panel 2 and PowerOcean protobuf messages. A product type we
 do not map is kept raw, marked unmapped, counted, and named by `decode` and `doctor`.
@@ -153,6 +154,85 @@ def test_river_max_headline_soc_is_pd_soc_and_packs_give_the_minimum():
     slave = decode_fixture("rivermax_app_mqtt_2_bmsSlave1.json")
     assert pd.values["soc_percent"] == 89
     assert master.soc_modules == {"master": 87} and slave.soc_modules == {"slave1": 91}
+
+
+def test_first_generation_delta_models_are_named_by_their_product_type():
+    """productType 13 Delta Max, 14 Delta Pro, 15 Delta mini: latestQuotas replies of all three
+    decode as first-generation Deltas (15 was unmapped, so a Delta mini was stored raw)."""
+    for name, model in (("deltamini_app_mqtt_1_latest_quotas.json", "Delta Mini"),
+                        ("deltamax_app_mqtt_1_latest_quotas_extra_battery.json", "Delta Max"),
+                        ("deltapro_app_mqtt_1_latest_quotas_extra_battery.json", "Delta Pro")):
+        reading = decode_fixture(name)
+        assert (reading.family, reading.model) == ("delta_gen1", model), name
+
+
+def test_first_generation_delta_headline_soc_is_ems_and_packs_give_the_minimum():
+    """pd.soc (90) is the Delta Pro's master pack; the app shows ems.f32LcdShowSoc (84.57)."""
+    pro = decode_fixture("deltapro_app_mqtt_1_latest_quotas_extra_battery.json")
+    assert pro.values["soc_percent"] == pytest.approx(84.57, abs=0.01)
+    assert pro.soc_modules == {"master": pytest.approx(89.52, abs=0.01),
+                               "slave1": pytest.approx(80.66, abs=0.01)}
+    assert pro.values["soc_min_percent"] == pytest.approx(80.66, abs=0.01)
+
+
+def test_first_generation_delta_pd_push_is_read_as_first_generation_not_delta_2():
+    """A Delta mini's pd push carries no ems./bmsMaster. key and no serial: its pd.soc is the
+    master pack, not the headline a Delta 2 reading would make of it, and 5999 clears."""
+    reading = decode_fixture("deltamini_app_mqtt_2_pd.json")
+    assert reading.family == "delta_gen1"
+    assert "soc_percent" not in reading.values
+    assert "remain_time_min" in reading.values and reading.values["remain_time_min"] is None
+
+
+def test_first_generation_delta_positive_remain_time_while_discharging_is_minutes_to_empty():
+    """Delta Max pd push: pd.remainTime 722 while 101 W go out and 0 come in; the battery's
+    111 W (2.05 A x 54.3 V) out of 1325 Wh last 716 min."""
+    values = decode_fixture("deltamax_app_mqtt_2_pd_discharging.json").values
+    assert values["watts_out_sum"] > values["watts_in_sum"]
+    assert values["remain_time_min"] == 722
+
+
+def test_first_generation_delta_positive_remain_time_while_charging_clears():
+    """The Delta Max reply's pd.remainTime 5172 equals ems.chgRemainTime while 309 W come in
+    and 116 W go out: minutes to full. Alone in a pd push it must clear, not become a runtime."""
+    quota = load("deltamax_app_mqtt_1_latest_quotas_extra_battery.json")["payload"]["data"]["quotaMap"]
+    assert quota["pd.remainTime"] == quota["ems.chgRemainTime"] == 5172
+    pd = {k: v for k, v in quota.items() if k.startswith("pd.")}
+    (reading,) = decode(json.dumps({"params": pd}).encode())
+    assert reading.family == "delta_gen1"
+    assert "remain_time_min" in reading.values and reading.values["remain_time_min"] is None
+    # Direction unknown (no watts in the message): say nothing rather than guess.
+    (reading,) = decode(json.dumps({"params": {"pd.remainTime": 300, "bmsMaster.soc": 50}}).encode())
+    assert "remain_time_min" not in reading.values
+
+
+def test_first_generation_delta_discharge_field_wins_over_pd_remain_time():
+    """Delta mini: ems.dsgRemainTime 1688 while the battery gives out 33 W (0.573 A x 58.1 V)
+    with every port at 0 W: 937 Wh / 33.3 W = 1687 min. The discharge field decides, not
+    the (0 W / 0 W) port sums; and on the Delta Max, dsgRemainTime 5999 clears although
+    pd.remainTime is 5172."""
+    mini = decode_fixture("deltamini_app_mqtt_1_latest_quotas.json").values
+    assert mini["remain_time_min"] == 1688
+    charging = decode_fixture("deltamax_app_mqtt_1_latest_quotas_extra_battery.json").values
+    assert "remain_time_min" in charging and charging["remain_time_min"] is None
+
+
+def test_first_generation_delta_max_pv_is_in_tenths_of_a_watt():
+    """mppt.inWatts 3092 with 65.8 V x 4.70 A on the PV input and pd.wattsInSum 309."""
+    values = decode_fixture("deltamax_app_mqtt_1_latest_quotas_extra_battery.json").values
+    assert values["pv_in_watts"] == 309 == values["watts_in_sum"]
+
+
+def test_first_generation_delta_grid_from_ac_in_power_first_then_acInVol():
+    topic = "/app/device/property/DAEBZ5ZE0000001"  # a Delta Max serial prefix
+    (reading,) = decode(json.dumps({"params": {"inv.acInVol": 0, "inv.inputWatts": 83}}).encode(),
+                        topic=topic)
+    assert reading.family == "delta_gen1" and reading.values["grid_connected"] is True
+    (reading,) = decode(json.dumps({"params": {"inv.acInVol": 231000, "inv.inputWatts": 0}}).encode(),
+                        topic=topic)
+    assert reading.values["grid_connected"] is True
+    off = decode_fixture("deltapro_app_mqtt_1_latest_quotas_extra_battery.json").values
+    assert off["grid_connected"] is False
 
 
 def test_gen3_extra_battery_heartbeats_report_each_pack():

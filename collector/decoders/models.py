@@ -28,6 +28,7 @@ PRODUCT_TYPES = {
     12: "River Pro",  # foxthefox/ioBroker.ecoflow-mqtt test/data2/riverpro.json
     13: "Delta Max",
     14: "Delta Pro",
+    15: "Delta Mini",  # tolwi/hassio-ecoflow-cloud diag/delta_mini.json latestQuotas replies
     72: "River 2 Pro",
     80: "Delta 2",
     81: "Delta 2 Max",

@@ -85,7 +85,8 @@ def _json_family(unwrapped: Unwrapped, model: str | None) -> str | None:
         return gen3.FAMILY
     if model in river_gen1.MODELS or not river_gen1.MARKER_KEYS.isdisjoint(keys):
         return river_gen1.FAMILY
-    if model in ("Delta Pro", "Delta Max") or not _GEN1_PREFIXES.isdisjoint(heads):
+    if (model in delta_gen1.MODELS or not _GEN1_PREFIXES.isdisjoint(heads)
+            or not delta_gen1.MARKER_KEYS.isdisjoint(keys)):
         return delta_gen1.FAMILY
     if not _GEN2_PREFIXES.isdisjoint(heads):
         return delta_gen2.FAMILY
