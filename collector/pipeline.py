@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 from collector.decoders import DecodeError, decode, sn_from_topic
+from collector.decoders.pack_health import from_reading as pack_health
 from collector.decoders.registry import unmapped_product
 from collector.rows import Row
 from collector.state_out import StateOut
@@ -116,7 +117,8 @@ class Pipeline:
                 values["soc_min_percent"] = min(modules.values())
             rows.append(Row(ts=ts, device_sn=sn, source=source, raw_data=reading.raw,
                             values=values, model=reading.model, raw_json=raw_json,
-                            topic=topic, payload=payload, received_at=received_at))
+                            topic=topic, payload=payload, received_at=received_at,
+                            packs=self._packs(reading, topic or source)))
 
         self.writer.add_rows(rows, on_commit)
         if self.metrics:
@@ -125,6 +127,14 @@ class Pipeline:
             for row in rows:
                 self.state_out.offer(row.device_sn, row)
         return len(rows)
+
+    def _packs(self, reading, where: str) -> tuple:
+        """The pack health the reading's payload reports; a failure there costs only that."""
+        try:
+            return tuple(pack_health(reading))
+        except Exception as exc:  # the reading itself is stored either way
+            self._decoder_bug(exc, where)
+            return ()
 
     def _decoder_bug(self, exc: Exception, where: str) -> None:
         """Log a decoder failure with its traceback the first time it happens at a place in

@@ -93,6 +93,9 @@ class Row:
     merged: list[Row] | None = None
     # Every value suits the writer's binary COPY (`binary_safe`); set by the snapshot merge.
     binary: bool = False
+    # What the payload reported about its battery packs (collector.decoders.pack_health
+    # PackHealth): written to `battery_packs` with the row, at its time.
+    packs: tuple = ()
 
     def as_tuple(self) -> tuple:
         return (self.ts, self.device_sn, *map(self.values.get, VALUE_COLUMNS),

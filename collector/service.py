@@ -12,7 +12,7 @@ from collector.metrics import Metrics
 from collector.pipeline import Pipeline
 from collector.settings import CollectorSettings
 from collector.sources.bridge import BridgeSource
-from collector.sources.liveness import Liveness
+from collector.sources.liveness import Liveness, LivenessRecorder
 from collector.sources.nut import NutSource
 from collector.sources.simulator import Simulator, default_stations
 from collector.writer import Writer
@@ -44,6 +44,9 @@ class Collector:
                                  settings.liveness_stale_periods,
                                  default_period=settings.bridge_period_sec)
         self.metrics.attach_liveness(self.liveness)
+        # The same states in the database, for the collector-health dashboard.
+        self.liveness_recorder = LivenessRecorder(self.liveness, db.libpq_url(),
+                                                  collector=settings.client_id)
         self.pipeline = Pipeline(self.writer, metrics=self.metrics,
                                  state_interval=settings.state_interval_sec)
         self.sources: list = []
@@ -83,6 +86,7 @@ class Collector:
                                           self.liveness)
         for source in self.sources:
             source.start()
+        self.liveness_recorder.start()
         self.metrics.serve(s.exporter_port)
         log.info("collector running: sources %s, metrics on :%s", s.sources, s.exporter_port or "off")
 
@@ -108,6 +112,7 @@ class Collector:
         # Flush first, so the final acks and states still go out on the live connections.
         self.writer.stop()
         self.pipeline.stop()
+        self.liveness_recorder.stop()
         for source in self.sources:
             source.stop()
         log.info("collector stopped: %d rows written, %d duplicates skipped, %d ingest errors",

@@ -99,6 +99,16 @@ ON CONFLICT (device_sn) DO UPDATE SET
     updated_at = now()
 """
 _LATEST = f"SELECT device_sn, {', '.join(VALUE_COLUMNS)} FROM ecoflow_latest"
+# Pack health reported with a reading (battery_packs, migration 0011): a second message about
+# the same pack at the same time fills what the first left null; a redelivery changes nothing.
+_PACK_COLUMNS = ("soh_percent", "cycles", "full_cap_mah", "design_cap_mah", "cell_mv_min",
+                 "cell_mv_max", "temp_c_min", "temp_c_max")
+_PACKS = f"""
+INSERT INTO battery_packs AS b (ts, device_sn, pack, {", ".join(_PACK_COLUMNS)})
+VALUES (%s, %s, %s, {", ".join(["%s"] * len(_PACK_COLUMNS))})
+ON CONFLICT (device_sn, pack, ts) DO UPDATE SET
+    {", ".join(f"{c} = coalesce(EXCLUDED.{c}, b.{c})" for c in _PACK_COLUMNS)}
+"""
 
 # A reading after this long without any is written at once; a burst is written once it pauses
 # this long (or fills a batch, or its first reading has waited the flush interval).
@@ -288,6 +298,7 @@ class Writer:
                 unique = [r for r in unique if (r.device_sn, r.ts) in stored]
                 _keep_merged(cur, unique, refused)
                 _upsert_devices(cur, unique)
+                _insert_packs(cur, rows, stored)
             rejected = [_refused_row(row, exc) for row, exc in refused]
             if errors or rejected:
                 _insert_errors(cur, errors + rejected)
@@ -553,6 +564,29 @@ def _upsert_devices(cur: psycopg.Cursor, rows: list[Row]) -> None:
         cur.execute(_DEVICES, (list(devices), [d[0] for d in devices.values()],
                                [d[1] for d in devices.values()],
                                [d[2] for d in devices.values()]))
+
+
+def _insert_packs(cur: psycopg.Cursor, rows: list[Row], stored: dict) -> None:
+    """Store the pack health of the rows whose reading was stored (or merged into a stored
+    one); a pack row the database refuses is logged and left out, never failing the batch."""
+    params = [(row.ts, row.device_sn, pack.pack, *pack.values())
+              for row in rows if row.packs and (row.device_sn, row.ts) in stored
+              for pack in row.packs]
+    if not params:
+        return
+    try:
+        with cur.connection.transaction():
+            cur.executemany(_PACKS, params)
+        return
+    except _ROW_ERRORS:
+        pass
+    for one in params:
+        try:
+            with cur.connection.transaction():
+                cur.execute(_PACKS, one)
+        except _ROW_ERRORS as exc:
+            log.warning("the database refused pack health of %r pack %r at %s (%s)",
+                        one[1], one[2], one[0].isoformat(), _reason(exc))
 
 
 def is_outage(exc: BaseException) -> bool:

@@ -302,3 +302,104 @@ def test_status_and_doctor_show_each_sources_state_from_the_database(db_url, mon
     assert f"ok    {D2M}: fresh from rest" in text
     assert "FAIL  R331ZEB4ZEA00099: stale" in text and len(report.problems) == 1
     assert f"open_mqtt {D2M}: stale, newest reading 90" in text
+
+
+# -- in the database, for the collector-health dashboard -----------------------------------------
+def liveness_rows(db_url: str) -> dict[tuple[str, str], dict]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        cur = conn.execute("SELECT * FROM source_liveness")
+        names = [c.name for c in cur.description]
+        return {(r[0], r[1]): dict(zip(names, r)) for r in cur.fetchall()}
+
+
+def liveness_changes(db_url: str, sn: str, source: str) -> list[str]:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        return [r[0] for r in conn.execute(
+            "SELECT state FROM source_liveness_changes WHERE device_sn = %s AND source = %s "
+            "ORDER BY ts, state", (sn, source)).fetchall()]
+
+
+def test_the_recorder_writes_changes_at_once_and_refreshes_every_row(db_url):
+    from collector.sources.liveness import LivenessRecorder
+
+    clock = Clock()
+    live = Liveness(quiet_periods=2, stale_periods=5, clock=clock)
+    live.expect("open_mqtt", 10, [D2M, DP3])
+    live.set_connected("open_mqtt", True)
+    live.seen("open_mqtt", D2M)
+    recorder = LivenessRecorder(live, db_url, collector="test", refresh_sec=3600)
+    assert recorder.record() == 2  # the first check writes every row
+    got = liveness_rows(db_url)
+    assert got[(D2M, "open_mqtt")]["state"] == FRESH
+    assert got[(DP3, "open_mqtt")]["state"] == QUIET  # nothing delivered yet
+    assert got[(DP3, "open_mqtt")]["last_reading_received_at"] is None
+    row = got[(D2M, "open_mqtt")]
+    assert (row["expected_period_sec"], row["quiet_after_sec"], row["stale_after_sec"],
+            row["connected"], row["refresh_sec"]) == (10, 20, 50, True, 3600)
+    assert recorder.record() == 0  # nothing changed, no refresh due: nothing written
+
+    clock.now += 51  # D2M: nothing for more than 5 periods, while connected
+    live.seen("open_mqtt", DP3)
+    assert recorder.record() == 2
+    got = liveness_rows(db_url)
+    assert got[(D2M, "open_mqtt")]["state"] == STALE
+    assert got[(D2M, "open_mqtt")]["age_sec"] == pytest.approx(51)
+    assert got[(D2M, "open_mqtt")]["connected"] is True
+    assert got[(DP3, "open_mqtt")]["state"] == FRESH
+    changed_at = got[(D2M, "open_mqtt")]["changed_at"]
+    assert recorder.record(force=True) == 2  # a refresh rewrites every row...
+    again = liveness_rows(db_url)[(D2M, "open_mqtt")]
+    assert again["changed_at"] == changed_at  # ...but keeps when the state changed
+    assert again["updated_at"] > got[(D2M, "open_mqtt")]["updated_at"]
+    assert liveness_changes(db_url, D2M, "open_mqtt") == [FRESH, STALE]
+
+    live.begin("rest", D2M)  # a failover, then its end: the row goes at the next refresh
+    assert recorder.record() == 1 and (D2M, "rest") in liveness_rows(db_url)
+    live.forget("rest", D2M)
+    recorder.record(force=True)
+    assert (D2M, "rest") not in liveness_rows(db_url)
+    assert liveness_changes(db_url, D2M, "rest") == [QUIET, "gone"]
+
+
+def test_the_recorder_survives_a_database_that_does_not_answer(db_url, caplog):
+    from collector.sources.liveness import LivenessRecorder
+
+    live = Liveness()
+    live.expect("nut", 5, ["NUT1"])
+    recorder = LivenessRecorder(live, "postgresql://nobody@127.0.0.1:1/none", refresh_sec=0.1)
+    assert recorder.record() == 0
+    assert recorder.record() == 0
+    assert len([r for r in caplog.records if "liveness not written" in r.getMessage()]) == 1
+    recorder.db_url = db_url
+    time.sleep(0.2)
+    assert recorder.record() == 1
+    assert liveness_rows(db_url)[("NUT1", "nut")]["state"] == QUIET
+    recorder.stop()
+
+
+def test_a_silenced_cloud_source_is_written_stale_for_the_dashboard(db_url):
+    """End to end: pushes stop while the connection stays up, and the collector writes
+    'stale' into source_liveness (what the collector-health dashboard shows), then fresh
+    again once they resume."""
+    with FakeEcoflowCloud(devices()) as cloud, \
+            Running(settings_for(cloud, ecoflow_sources="open_mqtt", **FAST),
+                    db_url) as collector:
+        source = collector.sources[0]
+        assert wait_for(source.connected.is_set, 15)
+        cloud.start_pushing(0.1)
+
+        def written(state):
+            row = liveness_rows(db_url).get((D2M, "open_mqtt"))
+            return row if row and row["state"] == state else None
+
+        assert wait_for(lambda: written(FRESH), 15)
+        cloud.silence(D2M)
+        row = wait_for(lambda: written(STALE), 15)
+        assert row, liveness_rows(db_url)
+        assert row["connected"] is True  # stale although connected
+        assert row["age_sec"] > 5 * 0.5 and row["expected_period_sec"] == 0.5
+        assert row["collector"] == collector.settings.client_id
+        cloud.resume(D2M)
+        assert wait_for(lambda: written(FRESH), 15)
+    changes = liveness_changes(db_url, D2M, "open_mqtt")
+    assert STALE in changes and changes[-1] == FRESH

@@ -231,6 +231,35 @@ VALUES ('00000000-0000-0000-0000-000000000001', 'nas-01', 'received', 'nas',
 INSERT INTO ingest_errors (ts, source, topic, device_sn, payload, error)
 VALUES (%(now)s - interval '5 minutes', 'open_mqtt', '/open/user/quota', %(office)s,
         '\\x0a0b0c'::bytea, 'protobuf: truncated message');
+
+-- Pack health (migration 0011), hourly for two days, steady: the office's two packs at 99 and
+-- 98 %% SoH, the garage's one at 100 %%.
+INSERT INTO battery_packs (ts, device_sn, pack, soh_percent, cycles, full_cap_mah,
+    design_cap_mah, cell_mv_min, cell_mv_max, temp_c_min, temp_c_max)
+SELECT ts, sn, pack, soh, 120, 19800, 20000, 3300, 3312, 24, 26
+  FROM generate_series(%(now)s - interval '2 days', %(now)s, interval '1 hour') ts,
+       (VALUES (%(office)s, 'master', 99), (%(office)s, 'slave1', 98),
+               (%(garage)s, 'master', 100)) AS p(sn, pack, soh);
+
+-- Liveness as a collector wrote it (migration 0012): the office pushes freshly; the garage's
+-- REST went stale 12.5 min ago; its app_mqtt row was last written 10 min ago by a collector
+-- that stopped (unknown).
+INSERT INTO source_liveness (device_sn, source, state, age_sec, expected_period_sec,
+    quiet_after_sec, stale_after_sec, connected, last_reading_received_at, changed_at,
+    updated_at, refresh_sec, collector)
+VALUES (%(office)s, 'open_mqtt', 'fresh', 4, 30, 60, 150, true, %(now)s - interval '9 seconds',
+        %(now)s - interval '178 minutes', %(now)s - interval '5 seconds', 30, 'ecoflow-collector'),
+       (%(garage)s, 'rest', 'stale', 900, 30, 60, 150, NULL, %(now)s - interval '905 seconds',
+        %(now)s - interval '750 seconds', %(now)s - interval '5 seconds', 30, 'ecoflow-collector'),
+       (%(garage)s, 'app_mqtt', 'fresh', 3, 30, 60, 150, true, %(now)s - interval '603 seconds',
+        %(now)s - interval '1 hour', %(now)s - interval '10 minutes', 30, 'old-collector');
+INSERT INTO source_liveness_changes (ts, device_sn, source, state, age_sec)
+VALUES (%(now)s - interval '2 days', %(office)s, 'open_mqtt', 'fresh', 0),
+       (%(now)s - interval '3 hours', %(office)s, 'open_mqtt', 'quiet', 61),
+       (%(now)s - interval '178 minutes', %(office)s, 'open_mqtt', 'fresh', 0),
+       (%(now)s - interval '1 day', %(garage)s, 'rest', 'fresh', 0),
+       (%(now)s - interval '750 seconds', %(garage)s, 'rest', 'stale', 151),
+       (%(now)s - interval '1 hour', %(garage)s, 'app_mqtt', 'fresh', 0);
 """
 
 
@@ -436,6 +465,12 @@ def test_station_dashboard_shows_pack_values_from_the_raw_payload(seeded):
     assert {r["metric"] for r in rows} == {"bms_bmsStatus.soc", "bms_slave.soc"}
 
 
+def test_station_dashboard_shows_the_state_of_health_of_each_pack(seeded):
+    rows = as_dicts(seeded, panel_query("station", "Pack state of health"), timedelta(days=30))
+    # The first station by name is the garage: one pack at 100 %.
+    assert rows and {(r["metric"], r["value"]) for r in rows} == {("master", 100)}
+
+
 def test_collector_health_counts_one_reading_a_minute_per_source(seeded):
     # 24 h: two-minute buckets, so every whole bucket holds readings.
     rows = as_dicts(seeded, panel_query("collector", "Readings per minute by source"),
@@ -451,6 +486,33 @@ def test_collector_health_shows_each_stations_clock_skew(seeded):
     rows = as_dicts(seeded, panel_query("collector", "Station clock skew"), timedelta(hours=6))
     assert [(r["Station"], r["Clock skew"], r["Readings"], r["Stamped on receipt"])
             for r in rows] == [("Garage Delta Pro", 90, 100, 0), ("Office Delta 2", -2, 100, 0)]
+
+
+def test_collector_health_shows_the_liveness_the_collector_wrote(seeded):
+    """Issue 17: per source and per station, fresh / quiet / stale with age and expected
+    period as the collector computed them, and unknown where the collector stopped writing."""
+    rows = as_dicts(seeded, panel_query("collector", "Source liveness"), timedelta(hours=6))
+    assert [(r["Station"], r["Source"], r["State"], r["Age"], r["Expected every"],
+             r["Connected"]) for r in rows] == [
+        ("Garage Delta Pro", "app_mqtt", "unknown", 3, 30, "yes"),
+        ("Garage Delta Pro", "rest", "stale", 900, 30, "-"),
+        ("Office Delta 2", "open_mqtt", "fresh", 4, 30, "yes")]
+    assert rows[0]["As of"] == seeded.now - timedelta(minutes=10)
+    stations = as_dicts(seeded, panel_query("collector", "Station liveness"), timedelta(hours=6))
+    assert [(r["Station"], r["State"], r["Best source"]) for r in stations] == [
+        ("Garage Delta Pro", "stale", "rest"), ("Office Delta 2", "fresh", "open_mqtt")]
+
+    timeline = as_dicts(seeded, panel_query("collector", "Source liveness over time"),
+                        timedelta(hours=6))
+    by_series: dict[str, list] = {}
+    for r in timeline:
+        by_series.setdefault(r["metric"], []).append((seeded.now - r["time"], r["value"]))
+    start = timedelta(hours=6)
+    assert by_series == {
+        "Office Delta 2 open_mqtt": [(start, 0), (timedelta(hours=3), 1),
+                                     (timedelta(minutes=178), 0)],
+        "Garage Delta Pro rest": [(start, 0), (timedelta(seconds=750), 2)],
+        "Garage Delta Pro app_mqtt": [(timedelta(hours=1), 0), (timedelta(minutes=9), 3)]}
 
 
 def home_assistant_sensors() -> list[dict]:
@@ -480,8 +542,10 @@ def test_home_assistant_sensors_are_single_selects_with_one_row_each(seeded, con
 
 # -- alert rules (grafana/provisioning/alerting) -------------------------------------------
 ALERTING = ROOT / "grafana" / "provisioning" / "alerting" / "ecoflow.yaml"
+# Grafana provisions every file of the folder: battery-health.yaml holds the SoH rule.
+ALERTING_FILES = sorted(ALERTING.parent.glob("*.yaml"))
 ALERT_UIDS = {"ecoflow-grid-lost", "ecoflow-soc-low", "ecoflow-station-silent",
-              "ecoflow-agent-offline", "ecoflow-dead-letters"}
+              "ecoflow-agent-offline", "ecoflow-dead-letters", "ecoflow-soh-dropping"}
 EVALUATORS = {"gt": lambda v, p: v > p[0], "lt": lambda v, p: v < p[0],
               "within_range": lambda v, p: p[0] < v < p[1],
               "outside_range": lambda v, p: v < p[0] or v > p[1]}
@@ -490,8 +554,8 @@ EVALUATORS = {"gt": lambda v, p: v > p[0], "lt": lambda v, p: v < p[0],
 def alert_rules() -> list[dict]:
     if not ALERTING.exists():
         return []
-    return [rule for group in yaml.safe_load(ALERTING.read_text())["groups"]
-            for rule in group["rules"]]
+    return [rule for path in ALERTING_FILES
+            for group in yaml.safe_load(path.read_text())["groups"] for rule in group["rules"]]
 
 
 RULES = alert_rules()
@@ -504,10 +568,12 @@ def sql_node(rule: dict) -> dict:
 
 
 def test_alert_rules_are_provisioned_for_each_condition_a_user_must_hear_about():
-    document = yaml.safe_load(ALERTING.read_text())
-    assert document["apiVersion"] == 1
+    documents = [yaml.safe_load(path.read_text()) for path in ALERTING_FILES]
+    assert all(document["apiVersion"] == 1 for document in documents)
     folder = yaml.safe_load(PROVIDERS.read_text())["providers"][0]["folder"]
-    for group in document["groups"]:
+    groups = [group for document in documents for group in document["groups"]]
+    assert len({group["name"] for group in groups}) == len(groups)
+    for group in groups:
         assert group["orgId"] == 1 and group["folder"] == folder
         assert re.fullmatch(r"\d+[smh]", group["interval"])
     assert {rule["uid"] for rule in RULES} == ALERT_UIDS
@@ -589,6 +655,7 @@ def test_alerts_fire_for_what_the_seeded_history_holds_and_nothing_else(seeded):
     assert firing(seeded, "ecoflow-station-silent") == set()
     assert firing(seeded, "ecoflow-agent-offline") == {("pc-01", "Workstation")}
     assert firing(seeded, "ecoflow-dead-letters") == set()
+    assert firing(seeded, "ecoflow-soh-dropping") == set()
 
 
 def test_alerts_fire_when_the_grid_goes_soc_drops_a_station_falls_silent_and_errors_pile_up(

@@ -15,7 +15,8 @@ receive clock, not the device's (a device clock may be wrong).
 The collector feeds it from the pipeline (every decoded row), the sources tell it when they
 connect and which stations they expect; the cloud sources read it for failover (REST polling
 while pushes are quiet, `latestQuotas` again when app pushes stop). `ecoflow-collector status`
-and `doctor` compute the same states from the database (`states_from_db`).
+and `doctor` compute the same states from the database (`states_from_db`); `LivenessRecorder`
+writes the collector's own states into `source_liveness` for the collector-health dashboard.
 """
 
 from __future__ import annotations
@@ -216,6 +217,144 @@ class LivenessMetrics:
         for sn, fresh in best.items():
             station.add_metric([sn], fresh)
         yield from (age, period, state, station)
+
+
+# -- into the database (the collector-health dashboard) ---------------------------------------------
+UPSERT_SQL = """
+INSERT INTO source_liveness AS l (device_sn, source, state, age_sec, expected_period_sec,
+    quiet_after_sec, stale_after_sec, connected, last_reading_received_at, changed_at,
+    updated_at, refresh_sec, collector)
+VALUES (%(sn)s, %(source)s, %(state)s, %(age)s, %(period)s, %(quiet)s, %(stale)s,
+        %(connected)s, CASE WHEN %(seen)s THEN now() - make_interval(secs => %(age)s) END,
+        now(), now(), %(refresh)s, %(collector)s)
+ON CONFLICT (device_sn, source) DO UPDATE SET
+    state = excluded.state, age_sec = excluded.age_sec,
+    expected_period_sec = excluded.expected_period_sec,
+    quiet_after_sec = excluded.quiet_after_sec, stale_after_sec = excluded.stale_after_sec,
+    connected = excluded.connected,
+    last_reading_received_at = excluded.last_reading_received_at,
+    changed_at = CASE WHEN l.state = excluded.state THEN l.changed_at ELSE now() END,
+    updated_at = now(), refresh_sec = excluded.refresh_sec, collector = excluded.collector
+RETURNING (xmax = 0) OR l.changed_at = now()
+"""
+CHANGE_SQL = """
+INSERT INTO source_liveness_changes (device_sn, source, state, age_sec)
+VALUES (%(sn)s, %(source)s, %(state)s, %(age)s)
+"""
+GONE_SQL = """
+WITH gone AS (
+    DELETE FROM source_liveness
+     WHERE collector = %(collector)s
+       AND (device_sn, source) NOT IN (
+           SELECT * FROM unnest(%(sns)s::text[], %(sources)s::text[]))
+    RETURNING device_sn, source)
+INSERT INTO source_liveness_changes (device_sn, source, state)
+SELECT device_sn, source, 'gone' FROM gone
+"""
+PRUNE_SQL = "DELETE FROM source_liveness_changes WHERE ts < now() - make_interval(days => %s)"
+
+
+class LivenessRecorder:
+    """Writes what a Liveness computes into `source_liveness` (migration 0012), so Grafana shows
+    the collector's own states: each (station, source) whose state changed at once (checked
+    every `check_sec`), every row every `refresh_sec` (so a row older than two `refresh_sec`
+    tells the dashboard that the collector stopped writing), and each change into
+    `source_liveness_changes`. Rows this collector wrote for a (station, source) it no longer
+    expects are removed at the refresh. A database that does not answer is retried at the next
+    check; liveness itself never waits for it."""
+
+    def __init__(self, liveness: Liveness, db_url: str, collector: str = "",
+                 refresh_sec: float = 30.0, check_sec: float = 1.0, keep_days: int = 90):
+        self.liveness = liveness
+        self.db_url = db_url
+        self.collector = collector
+        self.refresh_sec, self.check_sec, self.keep_days = refresh_sec, check_sec, keep_days
+        self.writes = 0
+        self._written: dict[tuple[str, str], str] = {}
+        self._refreshed = 0.0
+        self._conn = None
+        self._failing = False
+        self._retry_at = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="liveness-recorder", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._close()
+
+    def _run(self) -> None:
+        while True:
+            self.record()
+            if self._stop.wait(self.check_sec):
+                return
+
+    def record(self, force: bool = False) -> int:
+        """Write the changed entries (all of them when a refresh is due); the rows written."""
+        entries = self.liveness.entries()
+        now = time.monotonic()
+        refresh = force or now - self._refreshed >= self.refresh_sec
+        todo = [e for e in entries
+                if refresh or self._written.get((e.device_sn, e.source)) != e.state]
+        if (not todo and not refresh) or now < self._retry_at:
+            return 0
+        try:
+            conn = self._connection()
+            with conn.transaction():
+                for e in todo:
+                    params = {"sn": e.device_sn, "source": e.source, "state": e.state,
+                              "age": e.age, "period": e.period,
+                              "quiet": self.liveness.quiet_periods * e.period,
+                              "stale": self.liveness.stale_periods * e.period,
+                              "connected": e.connected, "seen": e.seen,
+                              "refresh": self.refresh_sec, "collector": self.collector}
+                    changed = conn.execute(UPSERT_SQL, params).fetchone()[0]
+                    if changed:
+                        conn.execute(CHANGE_SQL, params)
+                if refresh:
+                    conn.execute(GONE_SQL, {"collector": self.collector,
+                                            "sns": [e.device_sn for e in entries],
+                                            "sources": [e.source for e in entries]})
+                    conn.execute(PRUNE_SQL, (self.keep_days,))
+        except Exception as exc:  # noqa: BLE001 - the database may be down; retry next check
+            if not self._failing:
+                hint = " (run ecoflow-migrate)" if "source_liveness" in str(exc) else ""
+                log.warning("liveness not written to the database%s (%s: %s); retrying every "
+                            "%g s", hint, type(exc).__name__, str(exc).strip()[:200],
+                            self.refresh_sec)
+            self._failing = True
+            self._retry_at = now + self.refresh_sec
+            self._close()
+            return 0
+        if self._failing:
+            log.info("liveness written to the database again")
+        self._failing = False
+        self._written = {(e.device_sn, e.source): e.state for e in entries}
+        if refresh:
+            self._refreshed = now
+        self.writes += len(todo)
+        return len(todo)
+
+    def _connection(self):
+        import psycopg
+
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.db_url, connect_timeout=5, autocommit=True,
+                                         application_name="ecoflow-collector liveness")
+        return self._conn
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self._conn = None
 
 
 # -- from the database (status, doctor) ---------------------------------------------------------
