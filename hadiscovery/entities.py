@@ -187,7 +187,7 @@ def station_configs(topics: Topics, station: dict) -> dict[str, dict]:
 
 
 def agent_configs(topics: Topics, agent: dict) -> dict[str, dict]:
-    """Discovery topic -> config for one agent (a row of queries.AGENTS)."""
+    """Discovery topic -> config for one agent (a row of servicekit.agents.AGENTS)."""
     agent_id = agent["agent_id"]
     node = agent_node(agent_id)
     ident = f"ecoflow_agent_{agent_id}"
@@ -267,7 +267,7 @@ def agent_state(agent: dict) -> dict:
         ack = {"state": agent["ack_status"], "command_id": str(agent["ack_command_id"]),
                "received_at": _iso(agent["ack_received_at"]), "host": agent["ack_host"],
                "detail": agent["ack_detail"]}
-    online = agent.get("online")
-    return {"online": None if online is None else ON if online else OFF,
+    # Never seen ('unknown') is neither ON nor OFF.
+    return {"online": {"online": ON, "offline": OFF}.get(agent.get("status")),
             "last_seen": _iso(agent.get("last_seen")),
             "last_command": command, "last_ack": ack}

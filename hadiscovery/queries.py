@@ -5,6 +5,8 @@ from __future__ import annotations
 import psycopg
 from psycopg.rows import dict_row
 
+from servicekit.agents import rows as agent_rows
+
 # One row per station with readings: its latest reading, liveness as the policy sees it
 # (fresh within the station's stale_after_sec) and which optional columns it reports.
 STATIONS = """
@@ -33,28 +35,6 @@ SELECT l.device_sn                                        AS sn,
  ORDER BY 1
 """
 
-# One row per agent, configured or seen: online, its latest command and latest ack (never the
-# payloads, which carry signatures).
-AGENTS = """
-WITH ids AS (
-    SELECT agent_id FROM agents UNION SELECT agent_id FROM agent_status
-)
-SELECT i.agent_id, a.name, s.online, s.last_seen, s.version, s.platform,
-       c.id AS command_id, c.action AS command_action, c.status AS command_status,
-       c.issued_at AS command_issued_at, c.reason AS command_reason,
-       c.episode_id AS command_episode_id,
-       k.command_id AS ack_command_id, k.status AS ack_status,
-       k.received_at AS ack_received_at, k.host AS ack_host, k.detail AS ack_detail
-  FROM ids i
-  LEFT JOIN agents a ON a.agent_id = i.agent_id
-  LEFT JOIN agent_status s ON s.agent_id = i.agent_id
-  LEFT JOIN LATERAL (SELECT * FROM commands c WHERE c.agent_id = i.agent_id
-                      ORDER BY c.issued_at DESC, c.attempt DESC LIMIT 1) c ON true
-  LEFT JOIN LATERAL (SELECT * FROM command_acks k WHERE k.agent_id = i.agent_id
-                      ORDER BY k.received_at DESC, k.id DESC LIMIT 1) k ON true
- ORDER BY 1
-"""
-
 # Migration 0010: integrates the readings since the last call and returns every counter.
 ADVANCE_COUNTERS = "SELECT * FROM ecoflow_advance_energy_counters(%(max_gap_sec)s)"
 
@@ -73,7 +53,8 @@ def stations(conn: psycopg.Connection) -> list[dict]:
 
 
 def agents(conn: psycopg.Connection) -> list[dict]:
-    return _rows(conn, AGENTS)
+    """One row per agent, the same rows the status API reads (servicekit.agents.AGENTS)."""
+    return agent_rows(conn)
 
 
 def advance_counters(conn: psycopg.Connection, max_gap_sec: float) -> dict[str, dict]:

@@ -26,6 +26,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from servicekit import reader
+from servicekit.agents import rows as agent_rows
 
 log = logging.getLogger("ecoflow.statusapi")
 
@@ -60,44 +61,14 @@ SELECT coalesce(l.device_sn, d.device_sn)                   AS sn,
  ORDER BY 1
 """
 
-# One row per agent: configured (agents) or seen (agent_status), its supplies, its latest
-# command and latest ack. Payloads, which carry signatures, are never read.
-AGENTS = """
-WITH ids AS (
-    SELECT agent_id FROM agents UNION SELECT agent_id FROM agent_status
-)
-SELECT i.agent_id, a.name, a.tier, a.enabled,
-       CASE WHEN s.agent_id IS NULL THEN 'unknown'
-            WHEN s.online THEN 'online' ELSE 'offline' END  AS status,
-       s.last_seen, s.changed_at AS status_since, s.version, s.platform, s.host,
-       coalesce((SELECT array_agg(x.device_sn ORDER BY x.device_sn) FROM agent_supplies x
-                  WHERE x.agent_id = i.agent_id), '{{}}')  AS supplies,
-       c.id AS command_id, c.action AS command_action, c.status AS command_status,
-       c.issued_at AS command_issued_at, c.reason AS command_reason,
-       c.episode_id AS command_episode_id,
-       k.command_id AS ack_command_id, k.status AS ack_status,
-       k.received_at AS ack_received_at, k.host AS ack_host, k.detail AS ack_detail
-  FROM ids i
-  LEFT JOIN agents a ON a.agent_id = i.agent_id
-  LEFT JOIN agent_status s ON s.agent_id = i.agent_id
-  LEFT JOIN LATERAL (SELECT * FROM commands c WHERE c.agent_id = i.agent_id
-                      ORDER BY c.issued_at DESC, c.attempt DESC LIMIT 1) c ON true
-  LEFT JOIN LATERAL (SELECT * FROM command_acks k WHERE k.agent_id = i.agent_id
-                      ORDER BY k.received_at DESC, k.id DESC LIMIT 1) k ON true
- {where}
- ORDER BY 1
-"""
-
-
 def stations(conn: psycopg.Connection, sn: str | None = None) -> list[dict]:
     where = "WHERE coalesce(l.device_sn, d.device_sn) = %(sn)s" if sn is not None else ""
     return _rows(conn, STATIONS.format(where=where), {"sn": sn})
 
 
 def agents(conn: psycopg.Connection) -> list[dict]:
-    rows = _rows(conn, AGENTS.format(where=""), {})
     out = []
-    for r in rows:
+    for r in agent_rows(conn):
         command = {k.removeprefix("command_"): r.pop(k) for k in list(r)
                    if k.startswith("command_")}
         ack = {k.removeprefix("ack_"): r.pop(k) for k in list(r) if k.startswith("ack_")}

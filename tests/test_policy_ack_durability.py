@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -147,6 +148,20 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
+@contextmanager
+def worker_to_kill(mode: str, broker, client_id: str, db_url: str, agent: str):
+    """The hooked worker process (WORKER_SCRIPT in `mode`) and an agent acking to it; the
+    worker is killed, if the test has not, and the agent closed, whatever the test did."""
+    proc = start_worker_process(mode, broker, client_id, db_url)
+    sender = Agent(broker, agent)
+    try:
+        yield proc, sender
+    finally:
+        if proc.poll() is None:
+            kill(proc)
+        sender.close()
+
+
 def restarted_worker_takes(db, broker, client_id: str, settings, agent: str, count: int,
                            timeout: float = 15.0) -> list[str]:
     """A new worker under the same client id (the persistent session) until `count` acks of
@@ -177,9 +192,7 @@ def test_ack_received_but_not_stored_when_the_worker_dies_is_redelivered(db, db_
     agent, client_id = f"nas-{uuid.uuid4().hex[:6]}", f"policy-{uuid.uuid4().hex[:8]}"
     settings = settings_for(mqtt_broker)
     [cmd_id] = make_commands(db, settings, agent, 1)
-    proc = start_worker_process("before", mqtt_broker, client_id, db_url)
-    sender = Agent(mqtt_broker, agent)
-    try:
+    with worker_to_kill("before", mqtt_broker, client_id, db_url, agent) as (proc, sender):
         sender.ack(cmd_id, "scheduled", "shutdown in 120 s")
         expect_line(proc, "holding")
         time.sleep(0.3)  # whatever the worker would send the broker on receipt, it has sent
@@ -190,10 +203,6 @@ def test_ack_received_but_not_stored_when_the_worker_dies_is_redelivered(db, db_
         status, acked = db.execute("SELECT status, acked_at IS NOT NULL FROM commands"
                                    " WHERE id = %s", (cmd_id,)).fetchone()
         assert (status, acked) == ("scheduled", True)
-    finally:
-        if proc.poll() is None:
-            kill(proc)
-        sender.close()
 
 
 def test_ack_stored_but_not_acknowledged_when_the_worker_dies_is_stored_once(db, db_url,
@@ -203,9 +212,7 @@ def test_ack_stored_but_not_acknowledged_when_the_worker_dies_is_stored_once(db,
     agent, client_id = f"nas-{uuid.uuid4().hex[:6]}", f"policy-{uuid.uuid4().hex[:8]}"
     settings = settings_for(mqtt_broker)
     [cmd_id] = make_commands(db, settings, agent, 1)
-    proc = start_worker_process("after", mqtt_broker, client_id, db_url)
-    sender = Agent(mqtt_broker, agent)
-    try:
+    with worker_to_kill("after", mqtt_broker, client_id, db_url, agent) as (proc, sender):
         sender.ack(cmd_id, "executing", "halting now")
         expect_line(proc, "committed")
         kill(proc)
@@ -218,10 +225,6 @@ def test_ack_stored_but_not_acknowledged_when_the_worker_dies_is_stored_once(db,
         assert acked_events == 1
         assert db.execute("SELECT status FROM commands WHERE id = %s",
                           (cmd_id,)).fetchone()[0] == "executing"
-    finally:
-        if proc.poll() is None:
-            kill(proc)
-        sender.close()
 
 
 def test_a_genuine_repeat_of_the_same_ack_is_still_stored(db, mqtt_broker):

@@ -61,6 +61,28 @@ def seed_stations(db) -> None:
     insert_reading(db, now - timedelta(seconds=200), SLOW, soc_percent=90, watts_in_sum=12)
 
 
+def _serving(proc: subprocess.Popen, port: int) -> tuple[subprocess.Popen, int]:
+    """The process once its metrics port answers; its output as the failure when it never does."""
+    try:
+        wait_for_port(port, timeout=30)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(proc.communicate()[0]) from None
+    return proc, port
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM to the ones still running, for a clean shutdown; killed after 20 s."""
+    for proc in processes:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.fixture
 def collector_proc(db_url, mqtt_broker):
     started = []
@@ -74,22 +96,10 @@ def collector_proc(db_url, mqtt_broker):
                 env.pop(name, None)
         proc = start_collector_process(env)
         started.append(proc)
-        try:
-            wait_for_port(port, timeout=30)
-        except TimeoutError:
-            proc.kill()
-            raise AssertionError(proc.communicate()[0]) from None
-        return proc, port
+        return _serving(proc, port)
 
     yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    _stop(started)
 
 
 @pytest.fixture
@@ -109,22 +119,10 @@ def policy_proc(db_url, mqtt_broker):
         proc = subprocess.Popen([sys.executable, "-m", "policy"], env=env, cwd=REPO, text=True,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         started.append(proc)
-        try:
-            wait_for_port(port, timeout=30)
-        except TimeoutError:
-            proc.kill()
-            raise AssertionError(proc.communicate()[0]) from None
-        return proc, port
+        return _serving(proc, port)
 
     yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    _stop(started)
 
 
 def wait_until(fn, timeout: float = 20.0, what: str = ""):

@@ -18,14 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 from .reading import (
-    CLEARED,
-    REMAIN_TIME_SENTINELS,
     finish,
     grid_from,
     number,
     out_watts,
     pd_port_watts,
+    pd_runtime_while_discharging,
     percent,
+    prefixed_packs,
     remain_minutes,
     watts,
 )
@@ -55,25 +55,13 @@ def _remain(fields: dict[str, Any]) -> Any:
     same message gives out more than it takes in (otherwise it is minutes to full)."""
     if fields.get("ems.dsgRemainTime") is not None:
         return remain_minutes(fields["ems.dsgRemainTime"])
-    remain = number(fields.get("pd.remainTime"))
-    if remain is None or remain < 0:
-        return None
-    if int(remain) in REMAIN_TIME_SENTINELS:
-        return CLEARED
-    watts_in, watts_out = number(fields.get("pd.wattsInSum")), number(fields.get("pd.wattsOutSum"))
-    if watts_in is None or watts_out is None:
-        return None  # the direction is unknown: the figure may be minutes to full
-    return int(round(remain)) if watts_out > watts_in else CLEARED
+    return pd_runtime_while_discharging(fields.get)
 
 
 def decode(fields: dict[str, Any], model: str | None) -> tuple[dict[str, Any], dict[str, float]]:
     """Columns and per-pack SoCs from a flat gen-1 key map."""
     f = fields.get
-    packs: dict[str, float] = {}
-    for prefix, name in _PACKS.items():
-        soc = percent(f(prefix + "f32ShowSoc", f(prefix + "soc")))
-        if soc is not None:
-            packs[name] = soc
+    packs = prefixed_packs(f, _PACKS)
 
     volts = number(f("inv.acInVol", f("inv.invInVol")))
     ac_in = watts(f("inv.inputWatts"))

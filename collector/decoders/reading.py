@@ -240,3 +240,30 @@ def pd_port_watts(f) -> dict[str, int | None]:
         "typec_out_watts": _ports_sum([f(k) for k in _TYPEC_KEYS]),
         "dc_out_watts": out_watts(f("pd.carWatts")),
     }
+
+
+def pd_runtime_while_discharging(f) -> int | _Cleared | None:
+    """Minutes to empty from a first-generation `pd.remainTime` (Delta and River), which is
+    positive both ways: a runtime only while the same message gives out more than it takes in
+    (`pd.wattsOutSum` > `pd.wattsInSum`), else minutes to full and CLEARED; the "not applicable"
+    sentinels clear too; None when the direction is unknown."""
+    remain = number(f("pd.remainTime"))
+    if remain is None or remain < 0:
+        return None
+    if int(remain) in REMAIN_TIME_SENTINELS:
+        return CLEARED
+    watts_in, watts_out = number(f("pd.wattsInSum")), number(f("pd.wattsOutSum"))
+    if watts_in is None or watts_out is None:
+        return None  # the direction is unknown: the figure may be minutes to full
+    return int(round(remain)) if watts_out > watts_in else CLEARED
+
+
+def prefixed_packs(f, prefixes: dict[str, str]) -> dict[str, float]:
+    """Per-pack SoCs from first-generation keys: pack name by key prefix (`bmsMaster.`: master),
+    each pack's `f32ShowSoc`, else its `soc`."""
+    packs: dict[str, float] = {}
+    for prefix, name in prefixes.items():
+        soc = percent(f(prefix + "f32ShowSoc", f(prefix + "soc")))
+        if soc is not None:
+            packs[name] = soc
+    return packs

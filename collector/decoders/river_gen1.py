@@ -18,13 +18,13 @@ from __future__ import annotations
 from typing import Any
 
 from .reading import (
-    CLEARED,
-    REMAIN_TIME_SENTINELS,
     finish,
     grid_from,
     number,
     out_watts,
+    pd_runtime_while_discharging,
     percent,
+    prefixed_packs,
     sum_all,
     watts,
 )
@@ -41,32 +41,16 @@ _PACKS = {"bmsMaster.": "master", "bmsSlave1.": "slave1"}
 _USB_KEYS = ("pd.usb1Watts", "pd.usb2Watts", "pd.usb3Watts")
 
 
-def _remain(fields: dict[str, Any]) -> Any:
-    remain = number(fields.get("pd.remainTime"))
-    if remain is None or remain < 0:
-        return None
-    if int(remain) in REMAIN_TIME_SENTINELS:
-        return CLEARED
-    watts_in, watts_out = number(fields.get("pd.wattsInSum")), number(fields.get("pd.wattsOutSum"))
-    if watts_in is None or watts_out is None:
-        return None  # the direction is unknown: the figure may be minutes to full
-    return int(round(remain)) if watts_out > watts_in else CLEARED
-
-
 def decode(fields: dict[str, Any], model: str | None = None) -> tuple[dict[str, Any], dict[str, float]]:
     """Columns and per-pack SoCs from a flat first-generation River key map."""
     f = fields.get
-    packs: dict[str, float] = {}
-    for prefix, name in _PACKS.items():
-        soc = percent(f(prefix + "f32ShowSoc", f(prefix + "soc")))
-        if soc is not None:
-            packs[name] = soc
+    packs = prefixed_packs(f, _PACKS)
     usb = [f(k) for k in _USB_KEYS]
     volts = number(f("inv.invInVol"))
     ac_in = watts(f("inv.inputWatts"))
     values = {
         "soc_percent": percent(f("pd.soc")),
-        "remain_time_min": _remain(fields),
+        "remain_time_min": pd_runtime_while_discharging(f),
         "watts_in_sum": watts(f("pd.wattsInSum")),
         "watts_out_sum": out_watts(f("pd.wattsOutSum")),
         "ac_in_watts": ac_in,
