@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import re
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -119,20 +120,35 @@ def targets(settings) -> dict[str, WolTarget]:
 
 
 def send(due: list[WolTarget], packets: int, gap_sec: float) -> dict[str, str | None]:
-    """Send each target's magic packet `packets` times, `gap_sec` apart, all targets in each
-    round (so ten hosts take no longer than one). Returns agent id -> error text or None."""
+    """Send each target's magic packet now, and `packets - 1` times more, `gap_sec` apart, from
+    a thread of its own: the evaluation (another station may still be on battery) and its
+    database lock never wait for the repeats. All targets go in each round, so ten hosts take
+    no longer than one. Returns agent id -> error text of the first round, or None."""
+    errors = _round(due)
+    if packets > 1:
+        threading.Thread(target=_repeat, args=(due, packets - 1, gap_sec),
+                         name="wake-on-lan", daemon=True).start()
+    return errors
+
+
+def _round(due: list[WolTarget]) -> dict[str, str | None]:
     errors: dict[str, str | None] = {t.agent_id: None for t in due}
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        for n in range(packets):
-            if n:
-                time.sleep(gap_sec)
-            for target in due:
-                try:
-                    sock.sendto(magic_packet(target.mac), (target.broadcast, target.port))
-                except OSError as exc:
-                    errors[target.agent_id] = errors[target.agent_id] or str(exc)
+        for target in due:
+            try:
+                sock.sendto(magic_packet(target.mac), (target.broadcast, target.port))
+            except OSError as exc:
+                errors[target.agent_id] = str(exc)
     return errors
+
+
+def _repeat(due: list[WolTarget], rounds: int, gap_sec: float) -> None:
+    for _ in range(rounds):
+        time.sleep(gap_sec)
+        for agent_id, error in _round(due).items():
+            if error is not None:
+                log.warning("wake-on-lan %s: a repeated packet failed: %s", agent_id, error)
 
 
 # The agent's latest shutdown that took the host down (or, from a dry-run agent, would have):
