@@ -12,7 +12,7 @@ DEFAULT_BRIDGE_TOPICS = "bridge-ecoflow/+/data"
 
 
 class CollectorSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     sources: str = Field(default="bridge", validation_alias="COLLECTOR_SOURCES")
     mqtt_host: str = Field(default="localhost", validation_alias="MQTT_HOST")

@@ -38,7 +38,7 @@ ENV_NAMES = {
 class HaSettings(DatabaseSettings):
     """The database settings (the stack's own role: it writes energy_counters) and MQTT."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     mqtt_host: str = Field(default="localhost", validation_alias="MQTT_HOST")
     mqtt_port: int = Field(default=1883, ge=1, le=65535, validation_alias="MQTT_PORT")

@@ -27,7 +27,7 @@ def _env(name: str) -> dict:
 
 
 class NutSettings(BaseSettings):
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     listen: str = Field(default="0.0.0.0", **_env("listen"))
     port: int = Field(default=3493, ge=0, le=65535, **_env("port"))

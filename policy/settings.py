@@ -58,7 +58,7 @@ def _env(field: str) -> dict:
 class PolicySettings(BaseSettings):
     """Everything the policy worker reads from the environment (names in ENV_NAMES)."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     soc_min: float = Field(default=10.0, ge=0, lt=100, **_env("soc_min"))
     soc_margin: float = Field(default=5.0, ge=0, le=50, **_env("soc_margin"))

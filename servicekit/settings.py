@@ -33,7 +33,7 @@ class DatabaseSettings(BaseSettings):
     (the names the official PostgreSQL and TimescaleDB images use).
     """
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     database_url: str | None = Field(default=None, validation_alias="DATABASE_URL")
     postgres_host: str = Field(default="localhost", validation_alias="POSTGRES_HOST")

@@ -42,7 +42,7 @@ def parse_bind(value: str) -> tuple[str, int]:
 class StatusApiSettings(DatabaseSettings):
     """The database settings (read-only role) plus the API's own."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     bind: str = Field(default=DEFAULT_BIND, validation_alias="STATUS_API_BIND")
     heartbeat_sec: float = Field(default=15.0, gt=0, le=300,

@@ -391,8 +391,8 @@ def test_a_policy_file_can_be_mounted(compose):
 
 
 def test_every_passed_through_setting_is_documented_with_the_services_default(compose):
-    """Listed in .env.example commented out (an empty value is not "unset" to the
-    services: it fails validation), with the default the service applies without it."""
+    """Listed in .env.example commented out, with the default the service applies without it
+    (an empty value counts as unset too)."""
     from collector.settings import ENV_NAMES as COLLECTOR
     from collector.settings import CollectorSettings
     from policy.settings import ENV_NAMES as POLICY

@@ -113,3 +113,21 @@ def test_services_refuse_a_malformed_database_url_without_printing_it(entry, url
     assert proc.returncode != 0, output
     assert "DATABASE_URL" in output and "percent-encode" in output, output
     assert "secret-4711" not in output and "Traceback" not in output, output
+
+
+def test_an_empty_variable_is_unset_and_the_default_applies(monkeypatch):
+    """`EXPORTER_PORT=` in an env file (systemd's EnvironmentFile, a copied example) or an
+    exported empty variable stopped every service with "unable to parse string as an integer":
+    empty means "not set" here, as with Compose's ${VAR:-default}."""
+    from collector.settings import collector_settings
+    from nutserver.settings import load_settings as nut_settings
+    from policy.settings import load_settings as policy_settings
+
+    for name in ("EXPORTER_PORT", "POLICY_SOC_MIN", "POSTGRES_PORT", "NUT_POLL_SEC",
+                 "DEVICE_TO_AGENTS_JSON"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("COLLECTOR_SOURCES", "simulator")
+    assert collector_settings().exporter_port == 9090
+    assert policy_settings().soc_min == 10
+    assert database_settings().postgres_port == 5432
+    assert nut_settings().poll_sec == 2.0
