@@ -446,17 +446,10 @@ def _binary(rows: list[Row]) -> bool:
 
 
 def _copy(cur: psycopg.Cursor, statement: str, rows: list[Row]) -> None:
-    if BINARY_COPY and _binary(rows):
-        with cur.copy(statement + _BINARY) as cp:
+    binary = BINARY_COPY and _binary(rows)
+    with cur.copy(statement + _BINARY if binary else statement) as cp:
+        if binary:
             cp.set_types(_COPY_TYPES)
-            write = cp.write_row
-            for row in rows:
-                get = row.values.get
-                write((row.ts, row.device_sn, *map(get, VALUE_COLUMNS), row.source,
-                       row.raw_json if row.raw_json is not None else Jsonb(row.raw_data),
-                       row.received_at))
-        return
-    with cur.copy(statement) as cp:
         write = cp.write_row
         for row in rows:
             get = row.values.get

@@ -61,3 +61,19 @@ def collector_env(db_url: str, broker, **extra) -> dict:
 def start_collector_process(env: dict) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "collector"], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def redelivered(broker, client_id: str, wait: float = 1.5) -> list[bytes]:
+    """What the broker hands `client_id`'s persistent session when it resumes: a message the
+    collector left unacknowledged would come again."""
+    from servicekit.mqtt import make_client, persistent_session
+
+    again: list[bytes] = []
+    client = make_client(client_id)
+    client.on_message = lambda _c, _u, msg: again.append(msg.payload)
+    client.connect(broker.host, broker.port, clean_start=False, properties=persistent_session())
+    client.loop_start()
+    time.sleep(wait)
+    client.disconnect()
+    client.loop_stop()
+    return again

@@ -18,8 +18,6 @@ from servicekit.mqtt import (
     RECV_CHUNK,
     FastReceiveClient,
     fast_path_available,
-    make_client,
-    persistent_session,
 )
 from servicekit.settings import DatabaseSettings
 from testbed.mosquitto import MosquittoServer
@@ -30,6 +28,7 @@ from tests.collector_support import (
     delta2_push,
     publish_all,
     publisher,
+    redelivered,
     start_collector_process,
     wait_rows,
 )
@@ -167,16 +166,7 @@ def test_committed_messages_are_acknowledged_and_not_delivered_again(db_url, mqt
     pub.disconnect()
     c.stop()
     # The same session, resumed: a message left unacknowledged would be delivered again.
-    again = []
-    client = make_client(client_id)
-    client.on_message = lambda _c, _u, msg: again.append(msg.mid)
-    client.connect(mqtt_broker.host, mqtt_broker.port, clean_start=False,
-                   properties=persistent_session())
-    client.loop_start()
-    time.sleep(1.5)
-    client.disconnect()
-    client.loop_stop()
-    assert again == []
+    assert redelivered(mqtt_broker, client_id) == []
 
 
 def test_a_payload_larger_than_one_socket_read_arrives_whole(collector, mqtt_broker, db_url, db):

@@ -188,9 +188,15 @@ def test_poison_payloads_through_the_broker_never_stop_good_readings(db_url, db,
 
     from collector.service import Collector
     from collector.settings import CollectorSettings
-    from servicekit.mqtt import make_client, persistent_session
     from servicekit.settings import DatabaseSettings
-    from tests.collector_support import SN, delta2_push, publish_all, publisher, wait_rows
+    from tests.collector_support import (
+        SN,
+        delta2_push,
+        publish_all,
+        publisher,
+        redelivered,
+        wait_rows,
+    )
 
     caplog.set_level(logging.INFO)
     client_id = "collector-poison-test"
@@ -223,13 +229,4 @@ def test_poison_payloads_through_the_broker_never_stop_good_readings(db_url, db,
     assert not [m for m in messages if "database unavailable" in m or "refused a batch" in m]
     assert not [r for r in caplog.records if r.exc_info]
     # The same session, resumed: a payload left unacknowledged would be delivered again.
-    again = []
-    client = make_client(client_id)
-    client.on_message = lambda _c, _u, msg: again.append(msg.payload)
-    client.connect(mqtt_broker.host, mqtt_broker.port, clean_start=False,
-                   properties=persistent_session())
-    client.loop_start()
-    time.sleep(1.5)
-    client.disconnect()
-    client.loop_stop()
-    assert again == []
+    assert redelivered(mqtt_broker, client_id) == []
