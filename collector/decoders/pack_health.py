@@ -25,7 +25,6 @@ protobuf headers decoded with our schema), so the decoders themselves are unchan
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -68,7 +67,17 @@ GEN3_SUMMARY = "bms"
 _GEN3_MESSAGES = frozenset({"DisplayPropertyUpload", "RuntimePropertyUpload"})
 
 # A JSON payload without any of these words carries no pack health: it is not unwrapped again.
-_HINT = re.compile(r"[sS]oh|[cC]ycles|[fF]ullCap|[dD]esignCap|CellVol|CellTemp")
+# Plain substring tests: a regular expression with these alternatives cost 10 us per push,
+# more than decoding it (the engine finds no literal to skip ahead with).
+_HINTS = ("soh", "Soh", "cycles", "Cycles", "fullCap", "FullCap", "designCap", "DesignCap",
+          "CellVol", "CellTemp")
+
+
+def _hinted(text: str) -> bool:
+    for hint in _HINTS:
+        if hint in text:
+            return True
+    return False
 
 _INT_MAX = 2**31 - 1  # PostgreSQL integer
 
@@ -174,6 +183,6 @@ def from_reading(reading: Reading) -> list[PackHealth]:
         return from_protobuf(raw)
     if reading.family not in _JSON_PACKS and reading.family != "gen3":
         return []
-    if reading.raw_json is not None and not _HINT.search(reading.raw_json):
+    if reading.raw_json is not None and not _hinted(reading.raw_json):
         return []
     return from_fields(reading.family, unwrap(raw).fields)
