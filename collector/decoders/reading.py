@@ -60,6 +60,8 @@ class _Cleared:
 CLEARED = _Cleared()
 
 _isfinite = math.isfinite
+# Integers a double holds exactly: for these, int(round(n * 1.0)) is n.
+_EXACT = 2**53
 
 # Epoch seconds between 2017 and 2100: anything else in a timestamp field is not wall-clock time
 # (the open MQTT `time` field, for one, counts something else).
@@ -133,6 +135,8 @@ def watts(value: Any, scale: float = 1.0) -> int | None:
     """A power reading as whole watts; `scale` converts units such as 0.1 W."""
     if value is None:
         return None
+    if type(value) is int and scale == 1.0 and -_EXACT <= value <= _EXACT:
+        return value  # what the rounding below gives: the common case, kept short
     n = number(value)
     return None if n is None else int(round(n * scale))
 
@@ -147,6 +151,11 @@ def out_watts(value: Any, scale: float = 1.0) -> int | None:
 
 def percent(value: Any) -> float | None:
     """A state of charge in percent (0..100), rounded to 0.01; None when out of range."""
+    cls = type(value)
+    if cls is float and 0.0 <= value <= 100.0:  # NaN fails the comparison
+        return round(value, 2)
+    if cls is int and 0 <= value <= 100:
+        return float(value)  # what the rounding below gives
     n = number(value)
     if n is None or not 0 <= n <= 100:
         return None
@@ -224,11 +233,11 @@ def finish(values: dict[str, Any], soc_modules: dict[str, float]) -> dict[str, A
     return result
 
 
-_USB_KEYS = ("pd.usb1Watts", "pd.usb2Watts", "pd.qcUsb1Watts", "pd.qcUsb2Watts")
-_TYPEC_KEYS = ("pd.typec1Watts", "pd.typec2Watts")
+USB_KEYS = ("pd.usb1Watts", "pd.usb2Watts", "pd.qcUsb1Watts", "pd.qcUsb2Watts")
+TYPEC_KEYS = ("pd.typec1Watts", "pd.typec2Watts")
 
 
-def _ports_sum(raw: list) -> int | None:
+def ports_sum(raw: list) -> int | None:
     # A missing port makes the sum unknown whatever the others say: skip converting them.
     return None if None in raw else sum_all([out_watts(v) for v in raw])
 
@@ -236,8 +245,8 @@ def _ports_sum(raw: list) -> int | None:
 def pd_port_watts(f) -> dict[str, int | None]:
     """USB-A, USB-C and 12 V outputs from the gen-1 / gen-2 `pd.` keys (same names on both)."""
     return {
-        "usb_out_watts": _ports_sum([f(k) for k in _USB_KEYS]),
-        "typec_out_watts": _ports_sum([f(k) for k in _TYPEC_KEYS]),
+        "usb_out_watts": ports_sum([f(k) for k in USB_KEYS]),
+        "typec_out_watts": ports_sum([f(k) for k in TYPEC_KEYS]),
         "dc_out_watts": out_watts(f("pd.carWatts")),
     }
 

@@ -72,8 +72,24 @@ assert all(p.endswith(".") and p.count(".") == 1 for p in (
     powerstream.PREFIX, smartplug.PREFIX, *_GEN1_PREFIXES, *_GEN2_PREFIXES))
 
 
+# The family by (key set, model): a station sends the same few key sets over and over.
+_FAMILIES: dict[tuple, str | None] = {}
+
+
 def _json_family(unwrapped: Unwrapped, model: str | None) -> str | None:
-    keys = unwrapped.fields.keys()
+    key = (tuple(unwrapped.fields), model)
+    family = _FAMILIES.get(key, _UNSEEN)
+    if family is _UNSEEN:
+        if len(_FAMILIES) >= 4096:
+            _FAMILIES.clear()
+        family = _FAMILIES[key] = _family_of(unwrapped.fields.keys(), model)
+    return family
+
+
+_UNSEEN = object()
+
+
+def _family_of(keys, model: str | None) -> str | None:
     heads = {k[:k.find(".") + 1] for k in keys}  # "" for a key without a dot
     if powerstream.PREFIX in heads:
         return powerstream.FAMILY

@@ -1,0 +1,124 @@
+"""The compiled key-to-column tables (collector.decoders.compiled) decode exactly what running
+every rule decodes: on every captured payload of the family, and on random key subsets with
+awkward values. A rule that reads a key it does not declare would be skipped for a message
+carrying only that key; the recording test catches it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from collector.decode_cli import payload_from_fixture
+from collector.decoders import decode, delta_gen2
+from collector.decoders.json_envelopes import unwrap
+from collector.rows import HeadlineSoc
+
+FIXTURES = Path(__file__).parent / "fixtures" / "payloads"
+TABLES = {delta_gen2.FAMILY: delta_gen2.TABLE}
+
+
+def _same(a, b) -> bool:
+    """Equal values of equal types, in the same column order (NaN never reaches a column)."""
+    (va, pa), (vb, pb) = a, b
+    return (list(va) == list(vb) and pa == pb
+            and all(type(va[k]) is type(vb[k]) and va[k] == vb[k] for k in va))
+
+
+def _family_fields():
+    out = []
+    for path in sorted(FIXTURES.glob("*.json")):
+        found = payload_from_fixture(json.loads(path.read_text()))
+        if found is None:
+            continue
+        try:
+            readings = decode(found[0], topic=found[1])
+        except ValueError:
+            continue
+        for reading in readings:
+            if reading.family in TABLES and isinstance(reading.raw, dict):
+                out.append(pytest.param(reading.family, unwrap(reading.raw).fields,
+                                        id=path.stem))
+    return out
+
+
+FAMILY_FIELDS = _family_fields()
+
+
+def test_fixtures_of_every_compiled_family_are_found():
+    assert {p.values[0] for p in FAMILY_FIELDS} == set(TABLES)
+    assert len(FAMILY_FIELDS) >= 5
+
+
+@pytest.mark.parametrize(("family", "fields"), FAMILY_FIELDS)
+def test_a_capture_decodes_as_with_every_rule(family, fields):
+    table = TABLES[family]
+    assert _same(table.decode(fields), table.decode_all(fields))
+
+
+@pytest.mark.parametrize(("family", "fields"), FAMILY_FIELDS)
+def test_every_key_a_rule_reads_is_declared(family, fields):
+    table = TABLES[family]
+    packs = table.packs(fields.get)
+    for r in table.rules:
+        read: set[str] = set()
+
+        def get(key, default=None, read=read):
+            read.add(key)
+            return fields.get(key, default)
+
+        r.value(get, packs)
+        assert read <= r.keys, f"{r.column} reads undeclared keys {read - r.keys}"
+    read = set()
+    table.packs(lambda key, default=None: read.add(key) or fields.get(key, default))
+    assert read <= table.pack_keys
+
+
+_NUMBERS = st.one_of(
+    st.integers(-10, 300), st.integers(-2**63, 2**63), st.integers(2**53 - 3, 2**53 + 3),
+    st.floats(allow_nan=True, allow_infinity=True), st.floats(-1, 101),
+    st.sampled_from([0, 2, 5999, 5939, 143999, -5999, 230000, 49999, 50001, 0.5, 100.0]))
+_VALUES = st.one_of(_NUMBERS, st.none(), st.booleans(), st.text(max_size=3),
+                    st.lists(st.fixed_dictionaries({"avaFlag": st.sampled_from([0, 1]),
+                                                    "f32Soc": _NUMBERS, "soc": _NUMBERS}),
+                             max_size=3))
+
+
+@st.composite
+def _messages(draw):
+    table = TABLES[draw(st.sampled_from(sorted(TABLES)))]
+    keys = draw(st.lists(st.sampled_from(sorted(table.keys)), unique=True, max_size=8))
+    extra = draw(st.lists(st.sampled_from(["pd.other", "inv.cfgAcEnabled", "x"]), unique=True,
+                          max_size=2))
+    fields = {k: draw(_VALUES) for k in [*keys, *extra]}
+    return table, fields
+
+
+@settings(max_examples=400, deadline=None)
+@given(_messages())
+def test_random_key_subsets_decode_as_with_every_rule(message):
+    table, fields = message
+    first = table.decode(fields)
+    assert _same(first, table.decode_all(fields))
+    assert _same(table.decode(fields), first)  # the plan reused for the same keys
+
+
+def test_nothing_known_gives_no_columns():
+    for table in TABLES.values():
+        assert table.decode({}) == ({}, {})
+        assert table.decode({"pd.unknownKey": 5}) == ({}, {})
+
+
+def test_the_headline_soc_stands_in_for_the_packs_only_without_packs():
+    values, packs = delta_gen2.decode({"bms_emsStatus.f32LcdShowSoc": 55.126}, None)
+    assert values == {"soc_percent": 55.13, "soc_min_percent": 55.13} and packs == {}
+    assert isinstance(values["soc_min_percent"], HeadlineSoc)
+    values, packs = delta_gen2.decode({"bms_emsStatus.f32LcdShowSoc": 55,
+                                       "bms_bmsStatus.soc": 41}, None)
+    assert values["soc_min_percent"] == 41 and not isinstance(values["soc_min_percent"],
+                                                               HeadlineSoc)
+    assert not math.isnan(values["soc_percent"])
