@@ -12,7 +12,7 @@ measured around each stage of the hot path on the same messages:
   (which have no JSON parse) count their whole `decode()` here.
 - row build: `Pipeline._queue` (serial number, raw JSON checks, clock bound, per-pack merge,
   the Row), with a writer stand-in that only collects the rows.
-- snapshot merge: `SnapshotMerger.merge`, as `Writer.add_rows` runs it.
+- snapshot merge: `SnapshotMerger.merge` and `binary_safe`, as `Writer.add_rows` runs them.
 - COPY format/write: `Writer._write` on batches of 1,000 rows into a real PostgreSQL with
   TimescaleDB (client side only: the server's CPU is not the collector's).
 - total (stages): the sum. total (pipeline): the same messages through `Pipeline.handle` with
@@ -196,10 +196,13 @@ def stages_cpu(items: list[tuple[str, bytes]], url: str) -> dict[str, float]:
     cpu["row build"] = clock() - start
     rows = stand_in.rows
 
-    merge = stand_in.snapshots.merge
+    # As Writer.add_rows merges: the snapshot, and whether the row suits the binary COPY
+    # (without the second, every batch below would take the text COPY).
+    merge, binary_safe = stand_in.snapshots.merge, stand_in.snapshots.binary_safe
     start = clock()
     for row in rows:
         row.values = merge(row.device_sn, row.values)
+        row.binary = binary_safe(row.device_sn)
     cpu["snapshot merge"] = clock() - start
 
     # Distinct times per station, as a live stream has them (the fixtures repeat theirs).

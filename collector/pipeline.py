@@ -85,6 +85,7 @@ class Pipeline:
                source: str, on_commit: Callable[[], None] | None,
                received_at: datetime) -> int:
         rows: list[Row] = []
+        latest_ts = received_at + MAX_CLOCK_AHEAD
         for reading in readings:
             sn = reading.device_sn or topic_sn
             if not sn:
@@ -109,9 +110,9 @@ class Pipeline:
                                         "\\u0000, which PostgreSQL's jsonb cannot store", sn,
                                         on_commit)
             ts = reading.ts or received_at
-            if ts > received_at + MAX_CLOCK_AHEAD:
+            if ts > latest_ts:
                 ts = received_at
-            values = dict(reading.values)
+            values = reading.values  # the reading's own dict, not used after this
             if reading.soc_modules:
                 modules = self.writer.snapshots.merge_modules(sn, reading.soc_modules)
                 values["soc_min_percent"] = min(modules.values())

@@ -149,6 +149,14 @@ class SnapshotMerger:
         if known is None:
             known = self._known[device_sn] = {}
         for k, v in values.items():
+            cls = type(v)
+            # The common cases first: an integer or a boolean in a column of its own type.
+            if (cls is int and k in _INT_COLUMNS) or (cls is bool and k == "grid_connected"):
+                if cls is bool or -_INT_MAX <= v <= _INT_MAX:  # else not storable: unknown
+                    known[k] = v
+                    if self._odd:
+                        self._note(device_sn, k, v)
+                continue
             if k not in _VALUE_SET:
                 continue
             if v is None:

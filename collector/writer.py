@@ -543,18 +543,19 @@ def _keep_merged(cur: psycopg.Cursor, rows: list[Row], refused: list) -> None:
 def _upsert_devices(cur: psycopg.Cursor, rows: list[Row]) -> None:
     devices: dict[str, list] = {}
     for row in rows:
+        ts = row.ts
         d = devices.get(row.device_sn)
         if d is None:
-            devices[row.device_sn] = [storable_text(row.model), row.ts, row.ts]
+            devices[row.device_sn] = [row.model, ts, ts]
             continue
         if row.model:
-            d[0] = storable_text(row.model)
-        if row.ts < d[1]:
-            d[1] = row.ts
-        elif row.ts > d[2]:
-            d[2] = row.ts
+            d[0] = row.model
+        if ts < d[1]:
+            d[1] = ts
+        elif ts > d[2]:
+            d[2] = ts
     if devices:
-        cur.execute(_DEVICES, (list(devices), [d[0] for d in devices.values()],
+        cur.execute(_DEVICES, (list(devices), [storable_text(d[0]) for d in devices.values()],
                                [d[1] for d in devices.values()],
                                [d[2] for d in devices.values()]))
 
