@@ -180,3 +180,43 @@ def test_long_outages_decide_as_all_history_at_every_moment(db):
             now += timedelta(minutes=47)
     assert SN in used and SN2 in used, used
     assert (SN, "battery_time") in triggers and (SN2, "battery_time") in triggers, triggers
+
+
+# -- how the statement is planned ------------------------------------------------------------------
+
+def test_few_chunks_allow_the_generic_plan_and_many_plan_each_run(db):
+    """rules._plan_mode: a generic plan costs more with every chunk of the hypertable, a plan
+    for each run about the same whatever the history: "auto" up to GENERIC_PLAN_MAX_CHUNKS
+    chunks, each run planned with its values beyond."""
+    rules._plan_modes.clear()
+    readings(db, SN, END - timedelta(days=2), END, 3600, "90", "true")
+    assert rules._plan_mode(db) == "auto"
+    readings(db, SN, END - timedelta(days=rules.GENERIC_PLAN_MAX_CHUNKS + 6),
+             END - timedelta(days=2, hours=1), 3600, "90", "true")
+    assert rules._plan_mode(db) == "auto"  # remembered for a minute
+    rules._plan_modes.clear()
+    assert rules._plan_mode(db) == "force_custom_plan"
+
+
+def test_the_generic_plan_and_a_plan_for_each_run_decide_alike(db, db_url, monkeypatch):
+    """The same rows from both plans at every moment of an outage with a flap, a drain below
+    the threshold and a return, over more evaluations than PostgreSQL makes custom plans
+    before it takes the generic one (five)."""
+    settings = settings_for(db)
+    start = END - timedelta(hours=6)
+    flap, lost, back = (start + timedelta(hours=h) for h in (1, 2, 5))
+    readings(db, SN, start, END, 30,
+             f"greatest(5, 90 - greatest(0, extract(epoch FROM t - '{lost.isoformat()}'))"
+             " / 60)",
+             f"NOT (t BETWEEN '{flap.isoformat()}' AND '{(flap + timedelta(seconds=20)).isoformat()}'"
+             f" OR t BETWEEN '{lost.isoformat()}' AND '{back.isoformat()}')")
+    readings(db, SN2, start, END, 60, "80", "true")
+    moments = [start + timedelta(minutes=20 * i) for i in range(19)]
+    results = {}
+    for mode in ("auto", "force_custom_plan"):
+        monkeypatch.setattr(rules, "_plan_mode", lambda conn, mode=mode: mode)
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            results[mode] = [supply_rows(conn, now, settings.rule_params()) for now in moments]
+    assert results["auto"] == results["force_custom_plan"]
+    triggers = {r["trigger"] for rows in results["auto"] for r in rows}
+    assert "soc" in triggers and None in triggers

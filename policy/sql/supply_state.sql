@@ -17,8 +17,9 @@
 -- same moment.
 --
 -- Every lookup in the hypertable reads only ts BETWEEN %(horizon)s AND %(until)s, values the
--- planner sees (policy/rules.py plans each run anew), so it skips every chunk outside the
--- window: a year of history costs what a day does. `history_cut` says when a row's result may
+-- planner sees (once the hypertable has more than a few chunks, policy/rules.py plans each run
+-- with its values), so it skips every chunk outside the window: a year of history costs what
+-- a day does. `history_cut` says when a row's result may
 -- depend on older readings (no reading in the window from a station that has reported, an
 -- outage or a grid flapping without re-arm for longer than the window); rules.py then
 -- evaluates those stations again over a wider window, up to all of their history, so the
