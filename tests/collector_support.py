@@ -40,11 +40,14 @@ def publish_all(client: mqtt.Client, topic: str, payloads: list[bytes]) -> None:
         info.wait_for_publish(10)
 
 
-def wait_rows(url: str, count: int, timeout: float = 20.0, table: str = "ecoflow_measurements"):
+def wait_rows(url: str, count: int, timeout: float = 20.0, table: str = "ecoflow_measurements",
+              device_sn: str | None = None):
     deadline = time.monotonic() + timeout
     with psycopg.connect(url, autocommit=True) as conn:
         while True:
-            n = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            n = conn.execute(f"SELECT count(*) FROM {table}"
+                             " WHERE %(sn)s::text IS NULL OR device_sn = %(sn)s",
+                             {"sn": device_sn}).fetchone()[0]
             if n >= count or time.monotonic() > deadline:
                 return n
             time.sleep(0.1)
@@ -77,3 +80,21 @@ def redelivered(broker, client_id: str, wait: float = 1.5) -> list[bytes]:
     client.disconnect()
     client.loop_stop()
     return again
+
+
+PROBE_SN = "R351ZFB4HFPROBE1"
+
+
+def wait_until_subscribed(url: str, client: mqtt.Client, timeout: float = 30.0) -> None:
+    """Publish readings of another station (PROBE_SN) until one is stored: the collector has
+    subscribed and writes. A message sent before its subscription reaches nobody, and a
+    collector process can take seconds to get there on a loaded machine."""
+    deadline = time.monotonic() + timeout
+    i = 0
+    while time.monotonic() < deadline:
+        client.publish(f"bridge-ecoflow/{PROBE_SN}/data", delta2_push(100_000 + i),
+                       qos=1).wait_for_publish(5)
+        i += 1
+        if wait_rows(url, 1, timeout=1.0, device_sn=PROBE_SN):
+            return
+    raise AssertionError(f"the collector stored nothing from {PROBE_SN} in {timeout:.0f} s")

@@ -31,6 +31,7 @@ from tests.collector_support import (
     redelivered,
     start_collector_process,
     wait_rows,
+    wait_until_subscribed,
 )
 
 TOPIC = f"bridge-ecoflow/{SN}/data"
@@ -194,17 +195,17 @@ def test_collector_killed_mid_stream_loses_nothing(db_url, mqtt_broker, db):
     proc = start_collector_process(env)
     pub = publisher(mqtt_broker.host, mqtt_broker.port, "kill-test-publisher")
     try:
-        time.sleep(1.5)
+        wait_until_subscribed(db_url, pub)
         publish_all(pub, TOPIC, [delta2_push(i) for i in range(300)])
-        wait_rows(db_url, 50)
+        assert wait_rows(db_url, 50, device_sn=SN) >= 50
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         publish_all(pub, TOPIC, [delta2_push(i) for i in range(300, 600)])
         proc = start_collector_process(env)
-        assert wait_rows(db_url, 600, timeout=30) == 600
+        assert wait_rows(db_url, 600, timeout=30, device_sn=SN) == 600
         time.sleep(0.5)
         assert db.execute("SELECT count(DISTINCT ts), count(*) FROM ecoflow_measurements"
-                          ).fetchone() == (600, 600)
+                          " WHERE device_sn = %s", (SN,)).fetchone() == (600, 600)
     finally:
         proc.kill()
         proc.wait(10)
