@@ -122,3 +122,18 @@ def test_the_headline_soc_stands_in_for_the_packs_only_without_packs():
     assert values["soc_min_percent"] == 41 and not isinstance(values["soc_min_percent"],
                                                                HeadlineSoc)
     assert not math.isnan(values["soc_percent"])
+
+
+def test_the_plans_kept_stay_bounded_and_right_past_the_limit(monkeypatch):
+    """A bridge that sends ever new key sets (unknown keys beside known ones) does not grow the
+    plan cache past PLAN_CACHE_SIZE, and a plan built again after the cache was emptied
+    decodes as before."""
+    from collector.decoders import compiled
+
+    monkeypatch.setattr(compiled, "PLAN_CACHE_SIZE", 16)
+    table = delta_gen2.TABLE
+    table._plans.clear()
+    for i in range(40):
+        fields = {"pd.wattsOutSum": i, f"pd.unknown{i}": 1, "inv.acInVol": 230000}
+        assert table.decode(fields) == ({"watts_out_sum": i, "grid_connected": True}, {})
+        assert len(table._plans) <= 16

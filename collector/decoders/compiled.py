@@ -23,8 +23,9 @@ from collector.rows import HeadlineSoc
 from .reading import CLEARED, finish
 
 # Key sets remembered per family. A station sends a few kinds of message; a bridge with many
-# models a few dozen. Past this the plans are dropped and built again as keys come.
-PLAN_CACHE_SIZE = 4096
+# models a few dozen. Past this the plans are dropped and built again as keys come (a REST
+# map of 500 keys makes a 4 KB key; 1,024 of them stay under 5 MB).
+PLAN_CACHE_SIZE = 1024
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 
 from . import delta_gen1, delta_gen2, gen3, powerstream, protobuf, river_gen1, smartplug, stream
+from .compiled import PLAN_CACHE_SIZE
 from .json_envelopes import Unwrapped, unwrap
 from .models import model_for, unknown_product_type
 from .reading import DecodeError, Reading, epoch_ts
@@ -80,7 +81,7 @@ def _json_family(unwrapped: Unwrapped, model: str | None) -> str | None:
     key = (tuple(unwrapped.fields), model)
     family = _FAMILIES.get(key, _UNSEEN)
     if family is _UNSEEN:
-        if len(_FAMILIES) >= 4096:
+        if len(_FAMILIES) >= PLAN_CACHE_SIZE:
             _FAMILIES.clear()
         family = _FAMILIES[key] = _family_of(unwrapped.fields.keys(), model)
     return family
