@@ -52,6 +52,7 @@ class BridgeSource:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         self.connected = threading.Event()
+        self._down = threading.Event()  # set by on_disconnect
         # Message ids restart with every connection: an ack that arrives after a reconnect
         # would hit another message, so it is dropped (the broker redelivers the original).
         self._generation = 0
@@ -70,7 +71,15 @@ class BridgeSource:
         self.client.loop_start()
 
     def stop(self) -> None:
+        # The acks of the last batch (Collector.stop flushes the writer first) are queued
+        # before the DISCONNECT. paho writes packets in order and calls on_disconnect once the
+        # DISCONNECT is out: stopping its network thread before that could drop the acks, and
+        # the broker would deliver those messages again at the next start.
+        was_up = self.connected.is_set()
+        self._down.clear()
         self.client.disconnect()
+        if was_up:
+            self._down.wait(5)
         self.client.loop_stop()
 
     def publish_state(self, topic: str, state: dict) -> None:
@@ -89,6 +98,7 @@ class BridgeSource:
 
     def _on_disconnect(self, _client, _userdata, _flags, reason, _props) -> None:
         self.connected.clear()
+        self._down.set()
         if self.liveness is not None:
             self.liveness.set_connected(self.source_label, False)
         if reason.value != 0:
