@@ -46,6 +46,17 @@ def marked_push(cloud: FakeEcoflowCloud, sn: str = D2M) -> int:
     return doc["id"]
 
 
+def flowing(cloud: FakeEcoflowCloud, db_url: str, timeout: float = 20.0) -> None:
+    """Push until a push is stored. `connected` is set on CONNACK, before the broker has taken
+    the SUBSCRIBE; a push sent in between reaches nobody (a real station just pushes again)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        sent = marked_push(cloud)
+        if wait_for(lambda sent=sent: sent in stored_ids(db_url), 0.5):
+            return
+    raise AssertionError(f"no push stored within {timeout:.0f} s of the connection")
+
+
 def stored_ids(db_url: str, source: str = "open_mqtt") -> set[int]:
     with psycopg.connect(db_url, autocommit=True) as conn:
         got = conn.execute("SELECT raw_data->>'id' FROM ecoflow_measurements "
@@ -191,6 +202,7 @@ def test_a_password_rotation_recertifies_under_the_same_client_id_without_losing
             Running(settings_for(cloud, ecoflow_sources="open_mqtt", **FAST), db_url) as c:
         source = c.sources[0]
         assert wait_for(source.connected.is_set, 15)
+        flowing(cloud, db_url)
         first = {marked_push(cloud) for _ in range(3)}
         assert wait_for(lambda: first <= stored_ids(db_url), 15)
         client_id = source.client_id_used
@@ -224,6 +236,7 @@ def test_a_connack_that_never_comes_is_timed_out_and_recertified(db_url, caplog)
             assert c.liveness.state("open_mqtt", D2M) == STALE
             cloud.connack_never_comes = False
             assert wait_for(source.connected.is_set, 30)
+            flowing(cloud, db_url)
             sent = {marked_push(cloud) for _ in range(3)}
             assert wait_for(lambda: sent <= stored_ids(db_url), 15)
             assert wait_for(lambda: c.liveness.state("open_mqtt", D2M) == FRESH, 10)

@@ -44,7 +44,7 @@ def collector(db_url, mqtt_broker, request):
                                  COLLECTOR_CLIENT_ID=f"collector-{request.node.name[:40]}")
     c = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
     c.start()
-    assert c.sources[0].connected.wait(5)
+    assert c.sources[0].subscribed.wait(5)
     yield c
     c.stop()
 
@@ -143,7 +143,7 @@ def test_batches_fill_without_waiting_for_the_flush_interval(db_url, mqtt_broker
     c = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
     c.start()
     try:
-        assert c.sources[0].connected.wait(5)
+        assert c.sources[0].subscribed.wait(5)
         pub = publisher(mqtt_broker.host, mqtt_broker.port, "window-publisher")
         publish_all(pub, TOPIC, [delta2_push(i) for i in range(3000)])
         # Full batches are written at once; only the last, partial one waits for the interval.
@@ -160,7 +160,7 @@ def test_committed_messages_are_acknowledged_and_not_delivered_again(db_url, mqt
                                  COLLECTOR_CLIENT_ID=client_id)
     c = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
     c.start()
-    assert c.sources[0].connected.wait(5)
+    assert c.sources[0].subscribed.wait(5)
     pub = publisher(mqtt_broker.host, mqtt_broker.port, "ack-publisher")
     publish_all(pub, TOPIC, [delta2_push(i) for i in range(2500)])
     assert wait_rows(db_url, 2500) == 2500
@@ -226,7 +226,7 @@ def test_database_stopped_while_publishing_continues_loses_nothing():
         c = Collector(settings, DatabaseSettings(DATABASE_URL=ds.url("c")))
         c.writer.retry_max_sec = 0.5
         c.start()
-        assert c.sources[0].connected.wait(5)
+        assert c.sources[0].subscribed.wait(5)
         pub = publisher(broker.host, broker.port)
         publish_all(pub, TOPIC, [delta2_push(i) for i in range(100)])
         wait_rows(ds.url("c"), 100)
@@ -247,7 +247,7 @@ def test_broker_restart_is_survived(db_url, db):
                                      EXPORTER_PORT=0, FLUSH_INTERVAL_SEC=0.2)
         c = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
         c.start()
-        assert c.sources[0].connected.wait(5)
+        assert c.sources[0].subscribed.wait(5)
         pub = publisher(broker.host, broker.port)
         publish_all(pub, TOPIC, [delta2_push(i) for i in range(50)])
         wait_rows(db_url, 50)
@@ -255,7 +255,7 @@ def test_broker_restart_is_survived(db_url, db):
         broker.halt()
         time.sleep(0.5)
         broker.start()
-        assert c.sources[0].connected.wait(40)
+        assert c.sources[0].subscribed.wait(40)
         pub = publisher(broker.host, broker.port)
         publish_all(pub, TOPIC, [delta2_push(i) for i in range(50, 100)])
         assert wait_rows(db_url, 100) == 100
@@ -277,7 +277,7 @@ def test_metrics_endpoint_exposes_device_gauges_and_health(db_url, mqtt_broker):
     c = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
     c.start()
     try:
-        assert c.sources[0].connected.wait(5)
+        assert c.sources[0].subscribed.wait(5)
         pub = publisher(mqtt_broker.host, mqtt_broker.port, "metrics-publisher")
         publish_all(pub, TOPIC, [delta2_push(i, soc=66, watts_out=120) for i in range(3)])
         publish_all(pub, TOPIC, [b"garbage"])

@@ -51,7 +51,11 @@ class BridgeSource:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
         self.connected = threading.Event()
+        # Set once the broker has granted the subscriptions (SUBACK) on the current connection:
+        # from then on a message published reaches this source. `connected` comes earlier.
+        self.subscribed = threading.Event()
         self._down = threading.Event()  # set by on_disconnect
         # Message ids restart with every connection: an ack that arrives after a reconnect
         # would hit another message, so it is dropped (the broker redelivers the original).
@@ -96,8 +100,16 @@ class BridgeSource:
             self.liveness.set_connected(self.source_label, True)
         log.info("bridge source: connected to %s:%d", self.host, self.port)
 
+    def _on_subscribe(self, _client, _userdata, _mid, reasons, _props) -> None:
+        if all(not r.is_failure for r in reasons):
+            self.subscribed.set()
+        else:
+            log.error("bridge source: the broker refused a subscription: %s",
+                      ", ".join(str(r) for r in reasons))
+
     def _on_disconnect(self, _client, _userdata, _flags, reason, _props) -> None:
         self.connected.clear()
+        self.subscribed.clear()
         self._down.set()
         if self.liveness is not None:
             self.liveness.set_connected(self.source_label, False)
