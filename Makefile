@@ -11,6 +11,10 @@ PYTEST_ARGS ?=
 # three took 10 min (1,747 tests on a slower machine, 2026-12-01; two took 11 min 36 s on the
 # faster one). TEST_WORKERS=0 runs in one.
 TEST_WORKERS ?= 4
+# A test that fails is run once more (pytest-rerunfailures) and the run fails only if it fails
+# again: many tests race real brokers, processes and timeouts on a busy machine, and a rerun
+# is printed as R in the progress and listed in the summary. TEST_RERUNS=0 turns it off.
+TEST_RERUNS ?= 1
 
 .PHONY: help test test-ha demo bench mutate lint migrate proto system-deps venv clean add-mqtt-user
 
@@ -36,7 +40,7 @@ system-deps:
 	@scripts/install-system-deps
 
 test: $(STAMP) system-deps
-	REQUIRE_TIMESCALEDB=1 $(PY) -m pytest -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	REQUIRE_TIMESCALEDB=1 $(PY) -m pytest -n $(TEST_WORKERS) --reruns $(TEST_RERUNS) $(PYTEST_ARGS)
 
 # Home Assistant is big (about 200 packages), so it gets its own venv; tests marked
 # `homeassistant` use it when it is there (make test too) and skip without it. docs/home-assistant.md

@@ -546,13 +546,14 @@ def test_acl_lets_ecoflow_ha_publish_for_home_assistant_and_nothing_else(stack, 
                         mqtt_user="ecoflow-ha", mqtt_pass=users["ecoflow-ha"], poll_sec=0.3)
         running = Running(bridge)
         try:
+            state = "ecoflow-ha/station/r331zeb4zea0001/state"
             deadline = time.monotonic() + WAIT
-            while len([t for t in seen if t.endswith("/config")]) < EXPECTED \
-                    and time.monotonic() < deadline:
-                time.sleep(0.05)
+            while (len([t for t in seen if t.endswith("/config")]) < EXPECTED
+                   or state not in seen) and time.monotonic() < deadline:
+                time.sleep(0.05)  # the states follow the configs
             assert len([t for t in seen if t.endswith("/config")]) == EXPECTED
             assert seen["ecoflow-ha/status"] == b"online"
-            assert "ecoflow-ha/station/r331zeb4zea0001/state" in seen
+            assert state in seen
             # Home Assistant's birth message reaches ecoflow-ha through the ACL.
             rounds = bridge.rounds
             seen.clear()
