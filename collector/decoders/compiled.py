@@ -18,9 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from collector.rows import HeadlineSoc
-
-from .reading import CLEARED, finish
+from .reading import CLEARED, finish, with_soc_min
 
 # Key sets remembered per family. A station sends a few kinds of message; a bridge with many
 # models a few dozen. Past this the plans are dropped and built again as keys come (a REST
@@ -76,11 +74,7 @@ class Table:
             found = value(get, packs)
             if found is not None:
                 result[column] = None if found is CLEARED else found
-        if packs:
-            result["soc_min_percent"] = min(packs.values())
-        elif result.get("soc_percent") is not None:
-            result["soc_min_percent"] = HeadlineSoc(result["soc_percent"])
-        return result, packs
+        return with_soc_min(result, packs), packs
 
     def decode_all(self, fields: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
         """The same by running every rule: the reference `decode` must equal."""

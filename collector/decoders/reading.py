@@ -226,6 +226,11 @@ def finish(values: dict[str, Any], soc_modules: dict[str, float]) -> dict[str, A
     lowest pack SoC, else the headline SoC marked as HeadlineSoc (the collector keeps the
     lowest known pack over it)."""
     result = {k: (None if v is CLEARED else v) for k, v in values.items() if v is not None}
+    return with_soc_min(result, soc_modules)
+
+
+def with_soc_min(result: dict[str, Any], soc_modules: dict[str, float]) -> dict[str, Any]:
+    """`result` with soc_min_percent added as `finish` describes it."""
     if soc_modules:
         result["soc_min_percent"] = min(soc_modules.values())
     elif result.get("soc_percent") is not None:
