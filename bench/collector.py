@@ -248,7 +248,10 @@ def pipeline_cpu(items: list[tuple[str, bytes]], url: str) -> float:
 
 
 def measure(kind: str, n: int, repeat: int, url: str) -> dict:
+    from collector.pipeline import tune_gc
+
     items = mix(kind, n)
+    tune_gc()  # as the collector's service does once it is set up
     best: dict[str, float] = {}
     for _ in range(repeat):
         for name, seconds in [("MQTT receive", receive_cpu(items)),

@@ -157,6 +157,12 @@ class SnapshotMerger:
                     if self._odd:
                         self._note(device_sn, k, v)
                 continue
+            if cls is float and k in _REAL_COLUMNS and (v == 0 or 1e-30 < abs(v) < 1e30):
+                # A storable float in a real column (storable() inlined): SoC and temperature.
+                known[k] = v
+                if self._odd or not binary_safe(k, v):
+                    self._note(device_sn, k, v)
+                continue
             if k not in _VALUE_SET:
                 continue
             if v is None:

@@ -9,7 +9,7 @@ import threading
 import psycopg
 
 from collector.metrics import Metrics
-from collector.pipeline import Pipeline
+from collector.pipeline import Pipeline, tune_gc
 from collector.settings import CollectorSettings
 from collector.sources.bridge import BridgeSource
 from collector.sources.liveness import Liveness, LivenessRecorder
@@ -103,6 +103,7 @@ class Collector:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         self.start()
+        tune_gc()  # the process is set up: its objects are kept out of the collector's scans
         while not self._stop.wait(5):
             self.metrics.refresh()
             self.liveness.log_changes()

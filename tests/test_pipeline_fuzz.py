@@ -207,7 +207,7 @@ def test_poison_payloads_through_the_broker_never_stop_good_readings(db_url, db,
     c.start()
     pub = publisher(mqtt_broker.host, mqtt_broker.port, "poison-publisher")
     try:
-        assert c.sources[0].connected.wait(5)
+        assert c.sources[0].subscribed.wait(10)
         fuzz_topic = "bridge-ecoflow/R351FUZZ000009/data"
         good_topic = f"bridge-ecoflow/{SN}/data"
         poison = POISON + _random_payloads(15, 300)

@@ -49,8 +49,7 @@ def test_two_collectors_on_a_shared_subscription_store_each_reading_once(db_url,
         collectors.append(c)
     try:
         for c in collectors:
-            assert c.sources[0].connected.wait(5)
-        time.sleep(0.3)  # subscribed
+            assert c.sources[0].subscribed.wait(10)  # SUBACK: the broker has the subscription
         pub = publisher(mqtt_broker.host, mqtt_broker.port, "shared-publisher")
         publish_readings(pub, 0, 250)
         total = 250 * len(STATIONS)

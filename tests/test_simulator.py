@@ -44,7 +44,7 @@ def test_simulated_stations_reach_the_database_labelled_simulator(db_url, mqtt_b
                                  COLLECTOR_CLIENT_ID="collector-simulator-test")
     collector = Collector(settings, DatabaseSettings(DATABASE_URL=db_url))
     collector.start()
-    assert collector.sources[0].connected.wait(5)
+    assert collector.sources[0].subscribed.wait(10)
     sim = Simulator(default_stations("outage"), mqtt_broker.host, mqtt_broker.port,
                     interval=0.05, accel=200, client_id="simulator-test")
     sim.start()

@@ -27,7 +27,7 @@ TYPE_CODE_PREFIX = {
 _LEGACY_BARE = ("soc", "remainTime", "wattsInSum", "wattsOutSum")
 
 
-@dataclass
+@dataclass(slots=True)
 class Unwrapped:
     """A JSON payload reduced to its flat key map and envelope facts."""
 
@@ -58,9 +58,18 @@ def _prefixed(params: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {f"{prefix}{key}": value for key, value in params.items()}
 
 
+# An app push is `params` beside keys that name no other shape: what most traffic is, so it is
+# recognised first (the checks below would reach the same app_params result after five).
+_NOT_APP_PUSH = frozenset({"code", "data", "typeCode", "param", "addr"})
+
+
 def unwrap(payload: Any) -> Unwrapped:
     """The flat key map of a decoded JSON document, or DecodeError naming what is missing."""
-    if not isinstance(payload, dict):
+    if type(payload) is dict:
+        params = payload.get("params")
+        if type(params) is dict and _NOT_APP_PUSH.isdisjoint(payload):
+            return Unwrapped(dict(params), "app_params", None, payload.get("timestamp"))
+    elif not isinstance(payload, dict):
         raise DecodeError(f"JSON payload is a {type(payload).__name__}, not an object")
     _api_error(payload)
     data = payload.get("data")

@@ -72,7 +72,7 @@ class DecodeError(ValueError):
     """A payload that cannot be decoded; str(error) says why, for ingest_errors and the CLI."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Reading:
     """One decoded payload: the columns it determines, nothing it does not.
 
