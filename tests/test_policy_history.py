@@ -127,7 +127,7 @@ def test_quiet_year_on_grid_is_read_from_one_day_only(db, monkeypatch):
     assert runs == [(END - rules.HISTORY, None)]
 
 
-def test_long_outages_decide_as_all_history_at_every_moment(db):
+def test_long_outages_decide_as_all_history_at_every_moment(db, db_url):
     """Five days: a station loses the grid for three days on solar (SoC up by day, down by
     night), one never sees the grid at all, and late in the run readings from a week ago
     arrive (a backfill: one of them a grid loss older than anything the rules had read). At
@@ -145,8 +145,8 @@ def test_long_outages_decide_as_all_history_at_every_moment(db):
     used = []
     real = rules._from_floors
 
-    def counting(cur, now, params, floors):
-        decided = real(cur, now, params, floors)
+    def counting(cur, now, params, floors, *mode):
+        decided = real(cur, now, params, floors, *mode)
         used.extend(r["device_sn"] for r in decided)
         return decided
 
@@ -155,14 +155,15 @@ def test_long_outages_decide_as_all_history_at_every_moment(db):
             rows = rules._evaluate(cur, now, params, *rules._ALL_HISTORY, None, bounded=False)
         return rows
 
-    with pytest.MonkeyPatch.context() as m:
+    with pytest.MonkeyPatch.context() as m, psycopg.connect(db_url, autocommit=True) as other:
         m.setattr(rules, "_from_floors", counting)
         now, backfilled, triggers = start + timedelta(hours=6), False, set()
         while now <= END:
             if not backfilled and now >= backfill_at:
                 # A week-old loss of the off-grid station and a day of old grid readings of the
-                # other, received now.
-                db.execute(
+                # other, received now, from another session (as the collector writes them):
+                # their chunks are new, older than any the rules' prepared plans know.
+                other.execute(
                     "INSERT INTO ecoflow_measurements (ts, received_at, device_sn, soc_percent,"
                     " soc_min_percent, grid_connected, source, raw_data)"
                     " SELECT t, %(now)s, sn, 70, 70, sn = %(sn)s, 'simulator', '{}'"

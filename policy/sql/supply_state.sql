@@ -161,7 +161,11 @@ WITH stations AS (
             SELECT max(c.closed_at) AS closed_at
               FROM episode_closures c
              WHERE c.device_sn = p.device_sn AND c.closed_at <= %(now)s) closure ON true
-), marks AS (
+), marks AS MATERIALIZED (
+    -- MATERIALIZED here and for `conditions`: inlined, a column computed by a subquery is
+    -- copied into every expression that uses it further down (runtime_left_min reads
+    -- discharge_pct_per_min twice, the triggers the *_low_since twice more, ...), and each
+    -- copy is planned and run again: twice the lookups to plan, and to run in an outage.
     SELECT s.*,
            (SELECT min(m.ts) FROM ecoflow_measurements m
              WHERE m.device_sn = s.device_sn
@@ -219,7 +223,7 @@ WITH stations AS (
       FROM agents a
       JOIN agent_supplies s ON s.agent_id = a.agent_id
      WHERE a.enabled
-), conditions AS (
+), conditions AS MATERIALIZED (
     -- A condition starts at the first reading meeting it after the last reading that clears
     -- it (threshold plus margin, or the grid confirmed back): hysteresis and debounce in one.
     -- Per agent: each has its own thresholds.
