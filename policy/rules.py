@@ -10,6 +10,7 @@ from functools import cache
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 from psycopg.rows import dict_row
 
 SQL_DIR = Path(__file__).with_name("sql")
@@ -90,8 +91,7 @@ def supply_rows(conn: psycopg.Connection, now: datetime, params: dict) -> list[d
         # probes it saves (measured: execution halved at a day's window, less time even over
         # all history). The window's chunks are still skipped at planning time.
         cur.execute("SET timescaledb.enable_runtime_exclusion = off")
-        mode = _plan_mode(conn)
-        cur.execute(f"SET plan_cache_mode = {mode}")
+        cur.execute(f"SET plan_cache_mode = {PLAN_CACHE_MODE}")
         rows = _evaluate(cur, now, params, now - HISTORY, _ALL_HISTORY[1], None)
         cut = sorted({r["device_sn"] for r in rows if r["history_cut"]})
         if cut:
@@ -102,7 +102,7 @@ def supply_rows(conn: psycopg.Connection, now: datetime, params: dict) -> list[d
                 cut = sorted({r["device_sn"] for r in again if r["history_cut"]})
         hinted = [sn for sn in cut if sn in floors]
         if hinted:
-            decided = _from_floors(cur, now, params, {sn: floors[sn] for sn in hinted}, mode)
+            decided = _from_floors(cur, now, params, {sn: floors[sn] for sn in hinted})
             rows = _replace(rows, decided)
             cut = sorted(set(cut) - {r["device_sn"] for r in decided})
         if cut:
@@ -112,42 +112,64 @@ def supply_rows(conn: psycopg.Connection, now: datetime, params: dict) -> list[d
         return rows
 
 
-# How the rules' statement is planned. A generic plan (what PostgreSQL switches a prepared
-# statement to after five runs) cannot skip chunks by the window: its cost grows with every
-# chunk of the hypertable (about 0.7 ms each, measured), so past a couple of weeks of daily
-# chunks each evaluation would again cost as much as the history is long. A plan made for
-# each run with its values skips them, but planning the statement costs about 20-30 ms
-# whatever the history. So: the generic plan while the hypertable has few chunks (a new
-# installation, the tests), a custom plan for each run after that. Both give the same rows.
+# How the rules' statement is planned: PostgreSQL's default, a plan per run for the first
+# five runs of a statement, then its generic plan if that costs no more (psycopg prepares a
+# statement on its fifth run). A generic plan cannot skip chunks by a parameter; it would read
+# every chunk of the hypertable (about 0.7 ms each, measured), while planning the statement
+# costs about 10-20 ms whatever the history. So once the hypertable has more than
+# GENERIC_PLAN_MAX_CHUNKS chunks, the window rounded out to whole days is written into the
+# statement as constants (_statement): the generic plan skips the chunks outside them as a
+# plan per run does, and the text, hence the plan, stays the same for the day. With fewer
+# chunks (a new installation, the tests) the constants are the whole range: one text, one
+# plan, whatever the window. Every plan gives the same rows (tests/test_policy_history.py).
+PLAN_CACHE_MODE = "auto"
 GENERIC_PLAN_MAX_CHUNKS = 12
 _CHUNKS_RECHECK_SEC = 60.0
 _CHUNK_COUNT = "SELECT count(*) FROM show_chunks('ecoflow_measurements')"
-_plan_modes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_many_chunks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _plan_mode(conn) -> str:
-    """`plan_cache_mode` for the rules on `conn`: "auto" (generic plans allowed) while
-    ecoflow_measurements has at most GENERIC_PLAN_MAX_CHUNKS chunks (or is a plain table),
-    else "force_custom_plan". Rechecked every minute; a failed count plans each run."""
-    held = _plan_modes.get(conn)
+def _bounds_by_day(conn) -> bool:
+    """Whether the rules' statement on `conn` carries its window's day bounds: the hypertable
+    has more than GENERIC_PLAN_MAX_CHUNKS chunks. Rechecked every minute; a plain table never
+    does, and a failed count always does (it costs only a plan per day)."""
+    held = _many_chunks.get(conn)
     now = time.monotonic()
     if held is not None and now < held[1]:
         return held[0]
-    mode = "force_custom_plan"
+    many = True
     try:
         with conn.transaction(), conn.cursor() as cur:
             plain = cur.execute("SELECT NOT EXISTS (SELECT 1 FROM pg_extension"
                                 " WHERE extname = 'timescaledb')").fetchone()[0]
-            if plain or cur.execute(_CHUNK_COUNT).fetchone()[0] <= GENERIC_PLAN_MAX_CHUNKS:
-                mode = "auto"
+            many = not plain and (cur.execute(_CHUNK_COUNT).fetchone()[0]
+                                  > GENERIC_PLAN_MAX_CHUNKS)
     except psycopg.Error:
         pass
-    _plan_modes[conn] = (mode, now + _CHUNKS_RECHECK_SEC)
-    return mode
+    _many_chunks[conn] = (many, now + _CHUNKS_RECHECK_SEC)
+    return many
 
 
-def _from_floors(cur, now, params, floors: dict[str, datetime],
-                 mode: str = "force_custom_plan") -> list[dict]:
+def _statement(horizon: datetime, until: datetime, by_day: bool) -> sql.Composed:
+    """supply_state.sql with its chunk bounds: [horizon, until] rounded out to whole days
+    (UTC) when `by_day`, so every window within the same days gets the same text, hence the
+    same plan; else the whole range."""
+    day = timedelta(days=1)
+
+    def midnight(t: datetime) -> datetime:
+        return datetime.combine(t.astimezone(timezone.utc).date(), datetime.min.time(),
+                                timezone.utc)
+
+    start, end = _ALL_HISTORY
+    if by_day and horizon >= _ALL_HISTORY[0] + day:
+        start = midnight(horizon)
+    if by_day and until <= _ALL_HISTORY[1] - day:
+        end = midnight(until) + day
+    return sql.SQL(load_sql("supply_state")).format(chunks_from=sql.Literal(start),
+                                                    chunks_to=sql.Literal(end))
+
+
+def _from_floors(cur, now, params, floors: dict[str, datetime]) -> list[dict]:
     """The rows of the stations that a window from their floor provably decides as all history
     would: either it finds the confirmed return and re-arm it rests on (not cut, as for the
     day's window), or the station has no reading before its floor that any rule could read
@@ -158,18 +180,19 @@ def _from_floors(cur, now, params, floors: dict[str, datetime],
     if unsure:
         latest = [unsure[sn]["last_received_at"] for sn in unsure]
         spoiled = _spoiled(cur, {"sns": list(unsure), "latest": latest, "floor": horizon,
-                                 "now": now}, mode)
+                                 "now": now})
         for r in rows:
             if r["device_sn"] in unsure and r["device_sn"] not in spoiled:
                 r["history_cut"] = False  # as all history would say
     return [r for r in rows if not r["history_cut"]]
 
 
-def _spoiled(cur, params: dict, mode: str) -> set[str]:
+def _spoiled(cur, params: dict) -> set[str]:
     """The stations _BEFORE_FLOOR names, run with a generic plan made once per connection.
 
     Planned with its values, the statement would be planned over every chunk before the
-    floor: about 50 ms at a year of daily chunks, against about 15 ms to run it. A generic
+    floor: about 50 ms at a year of daily chunks, against about 15 ms to run it (unlike the
+    rules' statement, it reads every chunk before the floor anyway). A generic
     plan is made once; a chunk created afterwards (a backfill older than the history, from any
     session) invalidates it, so the next run plans again and reads that chunk too
     (tests/test_policy_history.py)."""
@@ -177,7 +200,7 @@ def _spoiled(cur, params: dict, mode: str) -> set[str]:
     try:
         return {r["sn"] for r in cur.execute(_BEFORE_FLOOR, params, prepare=True).fetchall()}
     finally:
-        cur.execute(f"SET plan_cache_mode = {mode}")
+        cur.execute(f"SET plan_cache_mode = {PLAN_CACHE_MODE}")
 
 
 def _floors_of(rows: list[dict], params: dict) -> dict[str, datetime]:
@@ -196,8 +219,9 @@ def _floors_of(rows: list[dict], params: dict) -> dict[str, datetime]:
 
 
 def _evaluate(cur, now, params, horizon, until, only, bounded=True) -> list[dict]:
-    cur.execute(load_sql("supply_state"), dict(params, now=now, horizon=horizon, until=until,
-                                               only=only, bounded=bounded))
+    statement = _statement(horizon, until, _bounds_by_day(cur.connection))
+    cur.execute(statement, dict(params, now=now, horizon=horizon, until=until, only=only,
+                                bounded=bounded))
     return cur.fetchall()
 
 

@@ -185,24 +185,48 @@ def test_long_outages_decide_as_all_history_at_every_moment(db, db_url):
 
 # -- how the statement is planned ------------------------------------------------------------------
 
-def test_few_chunks_allow_the_generic_plan_and_many_plan_each_run(db):
-    """rules._plan_mode: a generic plan costs more with every chunk of the hypertable, a plan
-    for each run about the same whatever the history: "auto" up to GENERIC_PLAN_MAX_CHUNKS
-    chunks, each run planned with its values beyond."""
-    rules._plan_modes.clear()
+def test_many_chunks_put_the_day_bounds_in_the_statement(db):
+    """rules._bounds_by_day: up to GENERIC_PLAN_MAX_CHUNKS chunks the statement's chunk bounds
+    are the whole range (one text for every window), beyond them the window's days."""
+    rules._many_chunks.clear()
     readings(db, SN, END - timedelta(days=2), END, 3600, "90", "true")
-    assert rules._plan_mode(db) == "auto"
+    assert rules._bounds_by_day(db) is False
     readings(db, SN, END - timedelta(days=rules.GENERIC_PLAN_MAX_CHUNKS + 6),
              END - timedelta(days=2, hours=1), 3600, "90", "true")
-    assert rules._plan_mode(db) == "auto"  # remembered for a minute
-    rules._plan_modes.clear()
-    assert rules._plan_mode(db) == "force_custom_plan"
+    assert rules._bounds_by_day(db) is False  # remembered for a minute
+    rules._many_chunks.clear()
+    assert rules._bounds_by_day(db) is True
+    day = rules._statement(END - timedelta(hours=30), END, True).as_string(db)
+    whole = rules._statement(END - timedelta(hours=30), END, False).as_string(db)
+    assert "'2026-03-09 00:00:00+00:00'::timestamptz" in day
+    assert "'2026-03-11 00:00:00+00:00'::timestamptz" in day
+    assert "2026-03" not in whole
+    assert day == rules._statement(END - timedelta(hours=25), END - timedelta(hours=1),
+                                   True).as_string(db)
 
 
-def test_the_generic_plan_and_a_plan_for_each_run_decide_alike(db, db_url, monkeypatch):
-    """The same rows from both plans at every moment of an outage with a flap, a drain below
-    the threshold and a return, over more evaluations than PostgreSQL makes custom plans
-    before it takes the generic one (five)."""
+def test_the_day_is_planned_once_whatever_the_history(db, db_url):
+    """With more chunks than a day's window reads, the evaluation still runs on one generic
+    plan after PostgreSQL's five custom plans: the window's day bounds are constants in the
+    statement's text, so that plan skips the other chunks as a plan per run does."""
+    settings = settings_for(db)
+    readings(db, SN, END - timedelta(days=20), END, 3600, "90", "true")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for i in range(12):
+            supply_rows(conn, END - timedelta(minutes=i), settings.rule_params())
+        generic = conn.execute("SELECT coalesce(sum(generic_plans), 0) FROM pg_prepared_statements"
+                               " WHERE statement LIKE '%FROM ecoflow_measurements%'").fetchone()[0]
+    assert generic > 0
+
+
+@pytest.mark.parametrize("by_day", [False, True])
+def test_the_generic_plan_and_a_plan_for_each_run_decide_alike(db, db_url, monkeypatch,
+                                                               by_day):
+    """The same rows from both plans, with the whole range or the window's days as chunk
+    bounds, at every moment of an outage with a flap, a drain below the threshold and a
+    return, over more evaluations than PostgreSQL makes custom plans before it takes the
+    generic one (five)."""
+    monkeypatch.setattr(rules, "_bounds_by_day", lambda conn: by_day)
     settings = settings_for(db)
     start = END - timedelta(hours=6)
     flap, lost, back = (start + timedelta(hours=h) for h in (1, 2, 5))
@@ -215,7 +239,7 @@ def test_the_generic_plan_and_a_plan_for_each_run_decide_alike(db, db_url, monke
     moments = [start + timedelta(minutes=20 * i) for i in range(19)]
     results = {}
     for mode in ("auto", "force_custom_plan"):
-        monkeypatch.setattr(rules, "_plan_mode", lambda conn, mode=mode: mode)
+        monkeypatch.setattr(rules, "PLAN_CACHE_MODE", mode)
         with psycopg.connect(db_url, autocommit=True) as conn:
             results[mode] = [supply_rows(conn, now, settings.rule_params()) for now in moments]
     assert results["auto"] == results["force_custom_plan"]

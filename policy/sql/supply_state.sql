@@ -16,10 +16,12 @@
 -- readings, not from the worker's memory: a restarted worker reaches the same decision at the
 -- same moment.
 --
--- Every lookup in the hypertable reads only ts BETWEEN %(horizon)s AND %(until)s, values the
--- planner sees (once the hypertable has more than a few chunks, policy/rules.py plans each run
--- with its values), so it skips every chunk outside the window: a year of history costs what
--- a day does. `history_cut` says when a row's result may
+-- Every lookup in the hypertable reads only ts BETWEEN %(horizon)s AND %(until)s, and
+-- BETWEEN {chunks_from} AND {chunks_to}: the same window rounded out to whole days, which
+-- policy/rules.py writes into the statement as constants. The planner skips every chunk
+-- outside them, in a generic plan too, so a year of history costs what a day does; and the
+-- text stays the same for a day, so PostgreSQL keeps one plan for it (psycopg prepares it
+-- after a few runs) instead of planning every run. `history_cut` says when a row's result may
 -- depend on older readings (no reading in the window from a station that has reported, an
 -- outage or a grid flapping without re-arm for longer than the window); rules.py then
 -- evaluates those stations again over a wider window, up to all of their history, so the
@@ -60,6 +62,7 @@ WITH stations AS (
               FROM ecoflow_measurements m
              WHERE m.device_sn = p.device_sn
                AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND m.ts BETWEEN {chunks_from} AND {chunks_to}
                AND coalesce(m.received_at, m.ts) <= %(now)s
              ORDER BY coalesce(m.received_at, m.ts) DESC, m.ts DESC LIMIT 1) latest ON true
 ), station AS (
@@ -80,6 +83,7 @@ WITH stations AS (
               FROM ecoflow_measurements m
              WHERE m.device_sn = p.device_sn
                AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND m.ts BETWEEN {chunks_from} AND {chunks_to}
                AND m.ts <= p.dev_now
                AND m.grid_connected IS NOT NULL
              ORDER BY m.ts DESC LIMIT 1) grid ON true
@@ -92,6 +96,7 @@ WITH stations AS (
                 SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
                                WHERE o.device_sn = p.device_sn
                                  AND o.ts BETWEEN %(horizon)s AND %(until)s
+                                 AND o.ts BETWEEN {chunks_from} AND {chunks_to}
                                  AND NOT o.grid_connected
                                  AND o.ts > c.ts
                                  AND o.ts <= c.ts + make_interval(secs => %(confirm_sec)s)
@@ -99,6 +104,7 @@ WITH stations AS (
                   FROM (SELECT g.ts FROM ecoflow_measurements g
                          WHERE g.device_sn = p.device_sn
                            AND g.ts BETWEEN %(horizon)s AND %(until)s
+                           AND g.ts BETWEEN {chunks_from} AND {chunks_to}
                            AND g.grid_connected
                            AND g.ts <= p.dev_now - make_interval(secs => %(confirm_sec)s)
                          ORDER BY g.ts DESC LIMIT 1) c
@@ -106,6 +112,7 @@ WITH stations AS (
                 SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
                                WHERE o.device_sn = p.device_sn
                                  AND o.ts BETWEEN %(horizon)s AND %(until)s
+                                 AND o.ts BETWEEN {chunks_from} AND {chunks_to}
                                  AND NOT o.grid_connected
                                  AND o.ts > c.ts
                                  AND o.ts <= c.ts + make_interval(secs => %(confirm_sec)s)
@@ -115,6 +122,7 @@ WITH stations AS (
                         SELECT g.ts FROM ecoflow_measurements g
                          WHERE g.device_sn = p.device_sn
                            AND g.ts BETWEEN %(horizon)s AND %(until)s
+                           AND g.ts BETWEEN {chunks_from} AND {chunks_to}
                            AND g.grid_connected
                            AND g.ts < w.blocked_by - make_interval(secs => %(confirm_sec)s)
                          ORDER BY g.ts DESC LIMIT 1) c
@@ -126,6 +134,7 @@ WITH stations AS (
                 SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
                                WHERE o.device_sn = p.device_sn
                                  AND o.ts BETWEEN %(horizon)s AND %(until)s
+                                 AND o.ts BETWEEN {chunks_from} AND {chunks_to}
                                  AND NOT o.grid_connected
                                  AND o.ts > c.ts
                                  AND o.ts <= c.ts + make_interval(secs => %(cooldown_sec)s)
@@ -133,6 +142,7 @@ WITH stations AS (
                   FROM (SELECT g.ts FROM ecoflow_measurements g
                          WHERE g.device_sn = p.device_sn
                            AND g.ts BETWEEN %(horizon)s AND %(until)s
+                           AND g.ts BETWEEN {chunks_from} AND {chunks_to}
                            AND g.grid_connected
                            AND coalesce(g.soc_min_percent, g.soc_percent) >= %(rearm_soc)s
                            AND g.ts <= p.dev_now - make_interval(secs => %(cooldown_sec)s)
@@ -141,6 +151,7 @@ WITH stations AS (
                 SELECT c.ts, (SELECT o.ts FROM ecoflow_measurements o
                                WHERE o.device_sn = p.device_sn
                                  AND o.ts BETWEEN %(horizon)s AND %(until)s
+                                 AND o.ts BETWEEN {chunks_from} AND {chunks_to}
                                  AND NOT o.grid_connected
                                  AND o.ts > c.ts
                                  AND o.ts <= c.ts + make_interval(secs => %(cooldown_sec)s)
@@ -150,6 +161,7 @@ WITH stations AS (
                         SELECT g.ts FROM ecoflow_measurements g
                          WHERE g.device_sn = p.device_sn
                            AND g.ts BETWEEN %(horizon)s AND %(until)s
+                           AND g.ts BETWEEN {chunks_from} AND {chunks_to}
                            AND g.grid_connected
                            AND coalesce(g.soc_min_percent, g.soc_percent) >= %(rearm_soc)s
                            AND g.ts < w.blocked_by - make_interval(secs => %(cooldown_sec)s)
@@ -170,11 +182,13 @@ WITH stations AS (
            (SELECT min(m.ts) FROM ecoflow_measurements m
              WHERE m.device_sn = s.device_sn
                AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND m.ts BETWEEN {chunks_from} AND {chunks_to}
                AND NOT m.grid_connected
                AND m.ts > s.rearm_ts AND m.ts <= s.dev_now)              AS episode_start,
            (SELECT min(m.ts) FROM ecoflow_measurements m
              WHERE m.device_sn = s.device_sn
                AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND m.ts BETWEEN {chunks_from} AND {chunks_to}
                AND NOT m.grid_connected
                AND m.ts > s.confirmed_grid_ts AND m.ts <= s.dev_now)     AS on_battery_since,
            -- Only losses after the last confirmed return matter, which keeps this scan short
@@ -182,6 +196,7 @@ WITH stations AS (
            (SELECT max(m.ts) FROM ecoflow_measurements m
              WHERE m.device_sn = s.device_sn
                AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND m.ts BETWEEN {chunks_from} AND {chunks_to}
                AND NOT m.grid_connected
                AND m.ts > s.confirmed_grid_ts AND m.ts <= s.dev_now)     AS last_off_grid_ts,
            -- Discharge rate in percent per minute over the recent on-battery readings.
@@ -192,6 +207,7 @@ WITH stations AS (
               FROM ecoflow_measurements m
              WHERE m.device_sn = s.device_sn
                AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND m.ts BETWEEN {chunks_from} AND {chunks_to}
                AND NOT m.grid_connected
                AND m.ts > greatest(s.confirmed_grid_ts,
                                    s.dev_now - make_interval(secs => %(slope_window_sec)s))
@@ -205,6 +221,7 @@ WITH stations AS (
                (SELECT min(m.ts) FROM ecoflow_measurements m
                  WHERE m.device_sn = k.device_sn
                    AND m.ts BETWEEN %(horizon)s AND %(until)s
+                   AND m.ts BETWEEN {chunks_from} AND {chunks_to}
                    AND m.grid_connected
                    AND m.ts > k.last_off_grid_ts AND m.ts <= k.dev_now),
                CASE WHEN k.last_off_grid_ts IS NULL
@@ -232,12 +249,14 @@ WITH stations AS (
            (SELECT min(m.ts) FROM ecoflow_measurements m
              WHERE m.device_sn = r.device_sn
                AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND m.ts BETWEEN {chunks_from} AND {chunks_to}
                AND NOT m.grid_connected AND m.ts <= r.dev_now
                AND coalesce(m.soc_min_percent, m.soc_percent) <= p.soc_thr
                AND m.ts > greatest(r.confirmed_grid_ts, coalesce(
                      (SELECT max(c.ts) FROM ecoflow_measurements c
                        WHERE c.device_sn = r.device_sn
                          AND c.ts BETWEEN %(horizon)s AND %(until)s
+                         AND c.ts BETWEEN {chunks_from} AND {chunks_to}
                          AND c.ts <= r.dev_now
                          AND c.ts > r.confirmed_grid_ts
                          AND coalesce(c.soc_min_percent, c.soc_percent)
@@ -246,6 +265,7 @@ WITH stations AS (
            (SELECT min(m.ts) FROM ecoflow_measurements m
              WHERE m.device_sn = r.device_sn
                AND m.ts BETWEEN %(horizon)s AND %(until)s
+               AND m.ts BETWEEN {chunks_from} AND {chunks_to}
                AND NOT m.grid_connected AND m.ts <= r.dev_now
                AND coalesce(m.remain_time_min::float8,
                             coalesce(m.soc_min_percent, m.soc_percent)
@@ -254,6 +274,7 @@ WITH stations AS (
                      (SELECT max(c.ts) FROM ecoflow_measurements c
                        WHERE c.device_sn = r.device_sn
                          AND c.ts BETWEEN %(horizon)s AND %(until)s
+                         AND c.ts BETWEEN {chunks_from} AND {chunks_to}
                          AND c.ts <= r.dev_now
                          AND c.ts > r.confirmed_grid_ts
                          AND coalesce(c.remain_time_min::float8,
