@@ -92,6 +92,12 @@ def _no_schema(exc: psycopg.errors.UndefinedTable) -> str:
             " service does it)")
 
 
+def _old_schema(exc: psycopg.errors.UndefinedColumn) -> str:
+    return (f"the database holds an older EcoFlow schema ({_first_line(exc)}): run"
+            " `ecoflow-migrate` with the same DATABASE_URL / POSTGRES_* settings (in Compose the"
+            " `migrate` service does it), or wait for the one running to finish")
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
@@ -136,6 +142,11 @@ def _sync_when_database_is_up(db_url: str, settings, stop: threading.Event,
             # Started before the migrations (a native install, or Compose without `migrate`):
             # wait for them rather than die with a traceback.
             log.warning("%s; retrying in %.0f s", _no_schema(exc), wait)
+        except psycopg.errors.UndefinedColumn as exc:
+            # An older schema: the migrations are still running (each revision commits on its
+            # own, so their tables appear before the later columns) or were not run after an
+            # upgrade.
+            log.warning("%s; retrying in %.0f s", _old_schema(exc), wait)
         stop.wait(wait)
         wait = min(wait * 2, max_wait)
     return None
