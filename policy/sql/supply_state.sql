@@ -17,8 +17,9 @@
 -- same moment.
 --
 -- Every lookup in the hypertable reads only ts BETWEEN %(horizon)s AND %(until)s, and
--- BETWEEN {chunks_from} AND {chunks_to}: the same window rounded out to whole days, which
--- policy/rules.py writes into the statement as constants. The planner skips every chunk
+-- BETWEEN {chunks_from} AND {chunks_to}: the same window rounded out to whole days (the whole
+-- range while the hypertable has few chunks), which policy/rules.py writes into the statement
+-- as constants. The planner skips every chunk
 -- outside them, in a generic plan too, so a year of history costs what a day does; and the
 -- text stays the same for a day, so PostgreSQL keeps one plan for it (psycopg prepares it
 -- after a few runs) instead of planning every run. `history_cut` says when a row's result may
