@@ -145,8 +145,8 @@ def test_long_outages_decide_as_all_history_at_every_moment(db, db_url):
     used = []
     real = rules._from_floors
 
-    def counting(cur, now, params, floors, *mode):
-        decided = real(cur, now, params, floors, *mode)
+    def counting(cur, now, params, floors):
+        decided = real(cur, now, params, floors)
         used.extend(r["device_sn"] for r in decided)
         return decided
 
