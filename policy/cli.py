@@ -85,17 +85,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _no_schema(exc: psycopg.errors.UndefinedTable) -> str:
-    """What to do when the database exists but holds no (or an older) schema."""
-    return (f"the database has no EcoFlow schema yet ({_first_line(exc)}): run `ecoflow-migrate`"
+def _no_schema(exc: psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn) -> str:
+    """What to do when the database exists but holds no schema, or an older one (a missing
+    column: the migrations are still running, or were not run after an upgrade)."""
+    what = "an older EcoFlow schema" if isinstance(exc, psycopg.errors.UndefinedColumn) \
+        else "no EcoFlow schema yet"
+    return (f"the database has {what} ({_first_line(exc)}): run `ecoflow-migrate`"
             " with the same DATABASE_URL / POSTGRES_* settings (in Compose the `migrate`"
             " service does it)")
-
-
-def _old_schema(exc: psycopg.errors.UndefinedColumn) -> str:
-    return (f"the database holds an older EcoFlow schema ({_first_line(exc)}): run"
-            " `ecoflow-migrate` with the same DATABASE_URL / POSTGRES_* settings (in Compose the"
-            " `migrate` service does it), or wait for the one running to finish")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -138,15 +135,11 @@ def _sync_when_database_is_up(db_url: str, settings, stop: threading.Event,
         except psycopg.OperationalError as exc:
             log.warning("database unavailable at start (%s); retrying in %.0f s",
                         _first_line(exc), wait)
-        except psycopg.errors.UndefinedTable as exc:
-            # Started before the migrations (a native install, or Compose without `migrate`):
-            # wait for them rather than die with a traceback.
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+            # Started before the migrations (a native install, or Compose without `migrate`),
+            # or while they run (each revision commits on its own, so the first tables appear
+            # before later columns): wait for them rather than die with a traceback.
             log.warning("%s; retrying in %.0f s", _no_schema(exc), wait)
-        except psycopg.errors.UndefinedColumn as exc:
-            # An older schema: the migrations are still running (each revision commits on its
-            # own, so their tables appear before the later columns) or were not run after an
-            # upgrade.
-            log.warning("%s; retrying in %.0f s", _old_schema(exc), wait)
         stop.wait(wait)
         wait = min(wait * 2, max_wait)
     return None

@@ -6,7 +6,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import psycopg
@@ -170,6 +170,12 @@ def _statement(horizon: datetime, until: datetime, by_day: bool) -> sql.Composed
         start = midnight(horizon)
     if by_day and until <= _ALL_HISTORY[1] - day:
         end = midnight(until) + day
+    return _bounded_statement(start, end)
+
+
+@lru_cache(maxsize=64)  # a new pair a day, and one per floors window: bounded
+def _bounded_statement(start: datetime, end: datetime) -> sql.Composed:
+    """The statement for one pair of chunk bounds, composed once (a few pairs a day)."""
     return sql.SQL(load_sql("supply_state")).format(chunks_from=sql.Literal(start),
                                                     chunks_to=sql.Literal(end))
 

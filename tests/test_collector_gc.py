@@ -36,4 +36,3 @@ def test_tune_gc_raises_the_young_threshold_freezes_and_still_frees_cycles():
     out = subprocess.run([sys.executable, "-c", _CHILD % GC_YOUNG_THRESHOLD],
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(GC_YOUNG_THRESHOLD), "True", "True", "True"]
-

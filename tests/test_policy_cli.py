@@ -205,7 +205,7 @@ def test_sigterm_while_waiting_for_the_database_ends_the_worker_cleanly():
 
 
 @pytest.mark.parametrize("migrated_to, says", [(None, "no EcoFlow schema yet"),
-                                                ("0007", "older EcoFlow schema")])
+                                                ("0007", "an older EcoFlow schema")])
 def test_worker_started_before_the_migrations_waits_for_them(empty_db_url, mqtt_broker,
                                                              migrated_to, says):
     """A native install started the worker before `ecoflow-migrate`: it died with a traceback
