@@ -159,6 +159,9 @@ class MqttLink:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         self.connected.clear()
+        if reason_code.value == 0:  # our own disconnect() (stop): nothing to reconnect
+            log.info("MQTT disconnected")
+            return
         log.warning("MQTT disconnected (%s); reconnecting", reason_code)
 
     def _drop_waiting(self, before: int) -> None:

@@ -37,3 +37,37 @@ def test_client_reconnects_within_seconds_after_a_15_s_broker_outage():
             client.loop_stop()
             client.disconnect()
     assert late < 6, f"reconnected {late:.1f} s after the broker came back"
+
+
+def test_policy_link_warns_of_a_lost_connection_but_not_of_its_own_stop(caplog):
+    """The policy worker's link logged "MQTT disconnected ...; reconnecting" as a warning when
+    the worker itself stopped it (a normal disconnection, nothing to reconnect); a broker that
+    goes away is still a warning."""
+    import logging
+
+    from policy.mqttlink import MqttLink, log
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records
+                if r.name == log.name and r.levelno >= logging.WARNING]
+
+    with MosquittoServer() as broker:
+        caplog.set_level(logging.INFO, logger=log.name)
+        link = MqttLink(broker.host, broker.port, f"link-{uuid.uuid4().hex[:8]}")
+        link.start()
+        assert link.connected.is_set()
+        link.stop()
+        assert not warnings(), "a stop the worker asked for is not a lost connection"
+        assert any("disconnected" in r.getMessage() for r in caplog.records
+                   if r.name == log.name)
+
+        link = MqttLink(broker.host, broker.port, f"link-{uuid.uuid4().hex[:8]}")
+        link.start()
+        try:
+            broker.halt()
+            deadline = time.monotonic() + 5
+            while link.connected.is_set() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert any("reconnecting" in w for w in warnings())
+        finally:
+            link.stop()
