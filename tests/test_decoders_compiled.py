@@ -1,6 +1,6 @@
 """The compiled key-to-column tables (collector.decoders.compiled) decode exactly what running
-every rule decodes: on every captured payload of the family, and on random key subsets with
-awkward values. A rule that reads a key it does not declare would be skipped for a message
+every rule decodes: on every captured payload of each family with a table (both fixture
+folders), and on random key subsets with awkward values. A rule that reads a key it does not declare would be skipped for a message
 carrying only that key; the recording test catches it."""
 
 from __future__ import annotations
@@ -14,12 +14,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collector.decode_cli import payload_from_fixture
-from collector.decoders import decode, delta_gen2
+from collector.decoders import decode, delta_gen1, delta_gen2, powerstream, river_gen1
 from collector.decoders.json_envelopes import unwrap
+from collector.decoders.registry import _strip
 from collector.rows import HeadlineSoc
 
-FIXTURES = Path(__file__).parent / "fixtures" / "payloads"
-TABLES = {delta_gen2.FAMILY: delta_gen2.TABLE}
+FIXTURES = Path(__file__).parent / "fixtures"
+# Every table, by name: a family whose decoding depends on the model has one per model group.
+TABLES = {delta_gen2.FAMILY: delta_gen2.TABLE, river_gen1.FAMILY: river_gen1.TABLE,
+          powerstream.FAMILY: powerstream.TABLE,
+          **{f"{delta_gen1.FAMILY} (PV x{scale})": table
+             for scale, table in delta_gen1.TABLES.items()}}
+
+
+def _table_name(reading) -> str | None:
+    """The name in TABLES of the table that decodes `reading`'s JSON key map."""
+    if reading.family == delta_gen1.FAMILY:
+        table = delta_gen1.table_for(reading.model)
+        return next(name for name, t in TABLES.items() if t is table)
+    return reading.family if reading.family in TABLES else None
 
 
 def _same(a, b) -> bool:
@@ -31,7 +44,7 @@ def _same(a, b) -> bool:
 
 def _family_fields():
     out = []
-    for path in sorted(FIXTURES.glob("*.json")):
+    for path in sorted([*FIXTURES.glob("payloads/*.json"), *FIXTURES.glob("families/*.json")]):
         found = payload_from_fixture(json.loads(path.read_text()))
         if found is None:
             continue
@@ -40,9 +53,12 @@ def _family_fields():
         except ValueError:
             continue
         for reading in readings:
-            if reading.family in TABLES and isinstance(reading.raw, dict):
-                out.append(pytest.param(reading.family, unwrap(reading.raw).fields,
-                                        id=path.stem))
+            name = _table_name(reading)
+            if name and isinstance(reading.raw, dict) and reading.raw.get("format") != "protobuf":
+                fields = unwrap(reading.raw).fields
+                if reading.family == powerstream.FAMILY:
+                    fields = _strip(fields, powerstream.PREFIX)  # as the registry hands it over
+                out.append(pytest.param(name, fields, id=path.stem))
     return out
 
 
@@ -51,7 +67,7 @@ FAMILY_FIELDS = _family_fields()
 
 def test_fixtures_of_every_compiled_family_are_found():
     assert {p.values[0] for p in FAMILY_FIELDS} == set(TABLES)
-    assert len(FAMILY_FIELDS) >= 5
+    assert len(FAMILY_FIELDS) >= 15
 
 
 @pytest.mark.parametrize(("family", "fields"), FAMILY_FIELDS)
@@ -92,13 +108,13 @@ _VALUES = st.one_of(_NUMBERS, st.none(), st.booleans(), st.text(max_size=3),
 def _messages(draw):
     table = TABLES[draw(st.sampled_from(sorted(TABLES)))]
     keys = draw(st.lists(st.sampled_from(sorted(table.keys)), unique=True, max_size=8))
-    extra = draw(st.lists(st.sampled_from(["pd.other", "inv.cfgAcEnabled", "x"]), unique=True,
-                          max_size=2))
+    extra = draw(st.lists(st.sampled_from(["pd.other", "inv.cfgAcEnabled", "x", "batTemp"]),
+                          unique=True, max_size=2))
     fields = {k: draw(_VALUES) for k in [*keys, *extra]}
     return table, fields
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=1000, deadline=None)
 @given(_messages())
 def test_random_key_subsets_decode_as_with_every_rule(message):
     table, fields = message

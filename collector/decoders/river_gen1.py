@@ -17,15 +17,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from .compiled import Table, rule
 from .reading import (
-    finish,
     grid_from,
     number,
     out_watts,
     pd_runtime_while_discharging,
     percent,
+    ports_sum,
     prefixed_packs,
-    sum_all,
     watts,
 )
 
@@ -38,29 +38,39 @@ MARKER_KEYS = frozenset({"inv.invInVol", "pd.typecWatts", "pd.usb3Watts"})
 MODELS = frozenset({"River", "River Pro", "River Max"})
 
 _PACKS = {"bmsMaster.": "master", "bmsSlave1.": "slave1"}
+_PACK_KEYS = [p + k for p in _PACKS for k in ("f32ShowSoc", "soc")]
 _USB_KEYS = ("pd.usb1Watts", "pd.usb2Watts", "pd.usb3Watts")
 
 
-def decode(fields: dict[str, Any], model: str | None = None) -> tuple[dict[str, Any], dict[str, float]]:
-    """Columns and per-pack SoCs from a flat first-generation River key map."""
-    f = fields.get
-    packs = prefixed_packs(f, _PACKS)
-    usb = [f(k) for k in _USB_KEYS]
+def _packs(f) -> dict[str, float]:
+    return prefixed_packs(f, _PACKS)
+
+
+def _grid(f, packs) -> Any:
     volts = number(f("inv.invInVol"))
-    ac_in = watts(f("inv.inputWatts"))
-    values = {
-        "soc_percent": percent(f("pd.soc")),
-        "remain_time_min": pd_runtime_while_discharging(f),
-        "watts_in_sum": watts(f("pd.wattsInSum")),
-        "watts_out_sum": out_watts(f("pd.wattsOutSum")),
-        "ac_in_watts": ac_in,
-        "ac_out_watts": out_watts(f("inv.outputWatts")),
-        # No instantaneous solar power key: pd.chgSunPower is an energy counter.
-        "usb_out_watts": None if None in usb else sum_all([out_watts(v) for v in usb]),
-        "typec_out_watts": out_watts(f("pd.typecWatts")),
-        "dc_out_watts": out_watts(f("pd.carWatts")),
-        "grid_connected": grid_from(None if volts is None else volts / 1000, ac_in,
-                                    family=FAMILY),
-        "battery_temp_c": number(f("bmsMaster.temp")),
-    }
-    return finish(values, packs), packs
+    return grid_from(None if volts is None else volts / 1000, watts(f("inv.inputWatts")),
+                     family=FAMILY)
+
+
+# Column order as the decoder has always returned them.
+TABLE = Table([
+    rule("soc_percent", ["pd.soc"], lambda f, packs: percent(f("pd.soc"))),
+    rule("remain_time_min", ["pd.remainTime", "pd.wattsInSum", "pd.wattsOutSum"],
+         lambda f, packs: pd_runtime_while_discharging(f)),
+    rule("watts_in_sum", ["pd.wattsInSum"], lambda f, packs: watts(f("pd.wattsInSum"))),
+    rule("watts_out_sum", ["pd.wattsOutSum"], lambda f, packs: out_watts(f("pd.wattsOutSum"))),
+    rule("ac_in_watts", ["inv.inputWatts"], lambda f, packs: watts(f("inv.inputWatts"))),
+    rule("ac_out_watts", ["inv.outputWatts"], lambda f, packs: out_watts(f("inv.outputWatts"))),
+    # No instantaneous solar power key: pd.chgSunPower is an energy counter.
+    rule("usb_out_watts", _USB_KEYS, lambda f, packs: ports_sum([f(k) for k in _USB_KEYS])),
+    rule("typec_out_watts", ["pd.typecWatts"], lambda f, packs: out_watts(f("pd.typecWatts"))),
+    rule("dc_out_watts", ["pd.carWatts"], lambda f, packs: out_watts(f("pd.carWatts"))),
+    rule("grid_connected", ["inv.invInVol", "inv.inputWatts"], _grid),
+    rule("battery_temp_c", ["bmsMaster.temp"], lambda f, packs: number(f("bmsMaster.temp"))),
+], _packs, _PACK_KEYS)
+
+
+def decode(fields: dict[str, Any], model: str | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+    """Columns and per-pack SoCs from a flat first-generation River key map (TABLE: only the
+    rules its keys reach run)."""
+    return TABLE.decode(fields)
