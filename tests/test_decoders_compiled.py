@@ -1,7 +1,8 @@
 """The compiled key-to-column tables (collector.decoders.compiled) decode exactly what running
-every rule decodes: on every captured payload of each family with a table (both fixture
-folders), and on random key subsets with awkward values. A rule that reads a key it does not declare would be skipped for a message
-carrying only that key; the recording test catches it."""
+every rule decodes: on what each captured payload (both fixture folders, JSON and protobuf)
+hands its family's table, and on random key subsets with awkward values. A rule that reads a
+key it does not declare would be skipped for a message carrying only that key; the recording
+test catches it."""
 
 from __future__ import annotations
 
@@ -14,25 +15,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from collector.decode_cli import payload_from_fixture
-from collector.decoders import decode, delta_gen1, delta_gen2, powerstream, river_gen1
-from collector.decoders.json_envelopes import unwrap
-from collector.decoders.registry import _strip
+from collector.decoders import (
+    compiled,
+    decode,
+    delta_gen1,
+    delta_gen2,
+    gen3,
+    powerstream,
+    river_gen1,
+    stream,
+)
 from collector.rows import HeadlineSoc
+from tests.test_decoders_families import protobuf_payload
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # Every table, by name: a family whose decoding depends on the model has one per model group.
 TABLES = {delta_gen2.FAMILY: delta_gen2.TABLE, river_gen1.FAMILY: river_gen1.TABLE,
-          powerstream.FAMILY: powerstream.TABLE,
+          powerstream.FAMILY: powerstream.TABLE, gen3.FAMILY: gen3.TABLE,
+          stream.FAMILY: stream.TABLE,
           **{f"{delta_gen1.FAMILY} (PV x{scale})": table
              for scale, table in delta_gen1.TABLES.items()}}
-
-
-def _table_name(reading) -> str | None:
-    """The name in TABLES of the table that decodes `reading`'s JSON key map."""
-    if reading.family == delta_gen1.FAMILY:
-        table = delta_gen1.table_for(reading.model)
-        return next(name for name, t in TABLES.items() if t is table)
-    return reading.family if reading.family in TABLES else None
 
 
 def _same(a, b) -> bool:
@@ -43,22 +45,37 @@ def _same(a, b) -> bool:
 
 
 def _family_fields():
+    """(table name, the key map it was given) for every table call decoding the captures
+    makes: recorded at `Table.decode`, so a map is exactly what the decoders hand over."""
+    names = {id(table): name for name, table in TABLES.items()}
+    calls: list[tuple[str, dict]] = []
+    original = compiled.Table.decode
+
+    def recording(table, fields):
+        calls.append((names[id(table)], fields))
+        return original(table, fields)
+
     out = []
-    for path in sorted([*FIXTURES.glob("payloads/*.json"), *FIXTURES.glob("families/*.json")]):
-        found = payload_from_fixture(json.loads(path.read_text()))
-        if found is None:
-            continue
-        try:
-            readings = decode(found[0], topic=found[1])
-        except ValueError:
-            continue
-        for reading in readings:
-            name = _table_name(reading)
-            if name and isinstance(reading.raw, dict) and reading.raw.get("format") != "protobuf":
-                fields = unwrap(reading.raw).fields
-                if reading.family == powerstream.FAMILY:
-                    fields = _strip(fields, powerstream.PREFIX)  # as the registry hands it over
-                out.append(pytest.param(name, fields, id=path.stem))
+    compiled.Table.decode = recording
+    try:
+        for path in sorted([*FIXTURES.glob("payloads/*.json"),
+                            *FIXTURES.glob("families/*.json")]):
+            document = json.loads(path.read_text())
+            if "message_type" in document:  # a decoded protobuf message (families/)
+                found = (protobuf_payload(document), document.get("topic"))
+            else:
+                found = payload_from_fixture(document)
+            if found is None:
+                continue
+            calls.clear()
+            try:
+                decode(found[0], topic=found[1])
+            except ValueError:
+                continue
+            out += [pytest.param(name, fields, id=f"{path.stem}-{i}")
+                    for i, (name, fields) in enumerate(calls)]
+    finally:
+        compiled.Table.decode = original
     return out
 
 
@@ -67,7 +84,7 @@ FAMILY_FIELDS = _family_fields()
 
 def test_fixtures_of_every_compiled_family_are_found():
     assert {p.values[0] for p in FAMILY_FIELDS} == set(TABLES)
-    assert len(FAMILY_FIELDS) >= 15
+    assert len(FAMILY_FIELDS) >= 30
 
 
 @pytest.mark.parametrize(("family", "fields"), FAMILY_FIELDS)
@@ -102,15 +119,24 @@ _VALUES = st.one_of(_NUMBERS, st.none(), st.booleans(), st.text(max_size=3),
                     st.lists(st.fixed_dictionaries({"avaFlag": st.sampled_from([0, 1]),
                                                     "f32Soc": _NUMBERS, "soc": _NUMBERS}),
                              max_size=3))
+_SCALARS = st.one_of(_NUMBERS, st.none(), st.booleans(), st.text(max_size=3))
+# The gen-3 CMS status and BMS heartbeats the protobuf decoder hands over beside the fields.
+_PART_VALUES = {
+    gen3.CMS: st.dictionaries(st.sampled_from(["f32LcdShowSoc", "lcdShowSoc", "dsgRemainTime",
+                                               "chgRemainTime"]), _SCALARS, max_size=3),
+    gen3.BMS: st.lists(st.dictionaries(st.sampled_from(["f32ShowSoc", "soc", "num", "temp"]),
+                                       _SCALARS, max_size=4), max_size=3),
+}
 
 
 @st.composite
 def _messages(draw):
     table = TABLES[draw(st.sampled_from(sorted(TABLES)))]
-    keys = draw(st.lists(st.sampled_from(sorted(table.keys)), unique=True, max_size=8))
+    keys = draw(st.lists(st.sampled_from(sorted(table.keys, key=repr)), unique=True,
+                         max_size=8))
     extra = draw(st.lists(st.sampled_from(["pd.other", "inv.cfgAcEnabled", "x", "batTemp"]),
                           unique=True, max_size=2))
-    fields = {k: draw(_VALUES) for k in [*keys, *extra]}
+    fields = {k: draw(_PART_VALUES.get(k, _VALUES)) for k in [*keys, *extra]}
     return table, fields
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import Any
 
 from . import gen3
-from .reading import finish, grid_from, number, watts
+from .compiled import Table, rule
+from .reading import grid_from, number, watts
 
 FAMILY = "stream"
 
@@ -44,19 +45,29 @@ def _port(power: Any) -> tuple[int | None, int | None]:
     return (-w, 0) if w < 0 else (0, w)
 
 
+def _grid(f, packs) -> Any:
+    return grid_from(number(f("gridConnectionVol")), _port(f("gridConnectionPower"))[0],
+                     family=FAMILY)
+
+
+# The gen-3 battery columns, then the grid port and PV: column order as the decoder has always
+# returned them.
+TABLE = Table([
+    *gen3.BATTERY_RULES,
+    rule("ac_in_watts", ["gridConnectionPower"],
+         lambda f, packs: _port(f("gridConnectionPower"))[0]),
+    rule("ac_out_watts", ["gridConnectionPower"],
+         lambda f, packs: _port(f("gridConnectionPower"))[1]),
+    rule("pv_in_watts", ["powGetPvSum"], lambda f, packs: watts(f("powGetPvSum"))),
+    rule("grid_connected", ["gridConnectionVol", "gridConnectionPower"], _grid),
+], gen3._packs, gen3.PACK_KEYS)
+
+
 def decode(
     fields: dict[str, Any],
     cms: dict[str, Any] | None = None,
     bms_packs: list[dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Columns and per-pack SoCs from a Stream display upload, CMS status and BMS heartbeats."""
-    f = fields.get
-    values, packs = gen3.battery(fields, cms, bms_packs)
-    ac_in, ac_out = _port(f("gridConnectionPower"))
-    values.update({
-        "ac_in_watts": ac_in,
-        "ac_out_watts": ac_out,
-        "pv_in_watts": watts(f("powGetPvSum")),
-        "grid_connected": grid_from(number(f("gridConnectionVol")), ac_in, family=FAMILY),
-    })
-    return finish(values, packs), packs
+    """Columns and per-pack SoCs from a Stream display upload, CMS status and BMS heartbeats
+    (TABLE: only the rules the message reaches run)."""
+    return TABLE.decode(gen3.with_parts(fields, cms, bms_packs))
