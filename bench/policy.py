@@ -67,6 +67,15 @@ def evaluations(url: str, settings: PolicySettings, now: datetime, runs: int = 3
     return timings[0], statistics.median(timings[10:])
 
 
+def _seen(conn, sns: list[str], first: datetime, last: datetime) -> None:
+    """The stations in `devices` as the collector's writer records them once they report (the
+    history was written around it), so the topology finds them reported."""
+    conn.execute("INSERT INTO devices (device_sn, first_seen, last_seen)"
+                 " SELECT sn, %s, %s FROM unnest(%s::text[]) AS sn"
+                 " ON CONFLICT (device_sn) DO UPDATE SET first_seen = EXCLUDED.first_seen,"
+                 " last_seen = EXCLUDED.last_seen", (first, last, sns))
+
+
 def run_case(url: str, days: int, stations: int, every: int) -> list[tuple]:
     sns = [f"BENCH{days:03d}{stations:03d}{i:07d}" for i in range(stations)]
     settings = PolicySettings(runtime_min=10, device_to_agents_json=json.dumps(
@@ -75,10 +84,8 @@ def run_case(url: str, days: int, stations: int, every: int) -> list[tuple]:
         conn.execute(GENERATE, {"sns": sns, "start": END - timedelta(days=days), "end": END,
                                 "every": every, "outage": OUTAGE_START})
         conn.execute("UPDATE agents SET enabled = false")
+        _seen(conn, sns, END - timedelta(days=days), END)
         topology.sync(conn, settings)
-        # As the collector's writer keeps it.
-        conn.execute("UPDATE devices d SET last_seen = %s WHERE device_sn = ANY(%s)",
-                     (END, sns))
         conn.execute("ANALYZE ecoflow_measurements")
         chunks = conn.execute(
             "SELECT count(*) FROM timescaledb_information.chunks"
@@ -158,6 +165,7 @@ def publish_to_command(days: int, stations: int, episodes: int, every: int) -> l
                                   signing_key="bench", device_to_agents_json=json.dumps(
                                       {sn: [a] for sn, a in zip(sns, agents)}))
         with psycopg.connect(url, autocommit=True) as conn:
+            _seen(conn, sns, now - timedelta(days=days), now - timedelta(minutes=1))
             topology.sync(conn, settings)
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("POSTGRES_", "MQTT_", "COLLECTOR_", "BRIDGE_"))}
