@@ -23,6 +23,17 @@ Two mixes: `fixtures`, every captured payload of tests/fixtures/payloads in turn
 MQTT pushes, latestQuotas replies, REST maps, protobuf heartbeats; large and small), and
 `push`, the small Delta 2 push `bench.ingest` publishes. Each figure is the lowest of
 `--repeat` runs (CPU time is disturbed upwards only, by other processes on the cores).
+
+Instructions per push (when valgrind is installed; `--no-instructions` skips it): CPU time on
+a shared machine moves by tens of percent between runs, so a change of a few percent cannot be
+seen in it. callgrind counts the instructions the interpreter executes, which repeat exactly
+for the same code and messages whatever else the machine does. The push mix goes through the
+path of a live collector, without the network: the bridge source's message callback
+(receive time, redelivery check, ack bookkeeping), `Pipeline.handle` with the metrics and
+liveness hooks, `Writer.add_rows` and `Writer.flush` into a real PostgreSQL every 1,000
+messages; then the same without the metrics hooks, and `Pipeline.handle` + `Writer.flush`
+alone (what "total (pipeline)" times). Each figure is (instructions for 2N messages - for N)
+/ N, so start-up, imports and the first plans cancel out.
 """
 
 from __future__ import annotations
@@ -31,6 +42,8 @@ import argparse
 import json
 import os
 import resource
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -247,6 +260,76 @@ def pipeline_cpu(items: list[tuple[str, bytes]], url: str) -> float:
     return cpu
 
 
+# -- instructions (callgrind) ----------------------------------------------------------------------
+
+INSTRUCTION_PATHS = {
+    "live": "bridge callback + pipeline with metrics + writer",
+    "no_metrics": "bridge callback + pipeline + writer",
+    "pipeline": "Pipeline.handle + Writer.flush",
+}
+
+
+def _instructions_child(path: str, n: int, url: str) -> None:
+    """Run n pushes through `path` (INSTRUCTION_PATHS); callgrind counts the process."""
+    import paho.mqtt.client as mqtt
+    import psycopg
+
+    from collector.metrics import Metrics
+    from collector.pipeline import Pipeline, tune_gc
+    from collector.sources.bridge import BridgeSource
+    from collector.sources.liveness import Liveness
+    from collector.writer import Writer
+
+    messages = []
+    for i, (topic, payload) in enumerate(mix("push", n)):
+        msg = mqtt.MQTTMessage(mid=i % 65535 + 1, topic=topic.encode())
+        msg.payload, msg.qos = payload, 1
+        messages.append(msg)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("TRUNCATE ecoflow_measurements")
+    metrics = Metrics() if path == "live" else None
+    writer = Writer(url, batch_rows=BATCH, metrics=metrics)
+    writer._connect()
+    pipeline = Pipeline(writer, metrics=metrics)
+    if metrics is not None:
+        liveness = Liveness(3, 10, default_period=5)
+        metrics.attach_liveness(liveness)
+    source = BridgeSource(pipeline, "127.0.0.1", 1, ["bridge-ecoflow/+/data"], "bench")
+    if path == "pipeline":
+        def deliver(msg, handle=pipeline.handle):
+            handle(msg.payload, msg.topic, "bridge")
+    else:
+        def deliver(msg, on_message=source._on_message):
+            on_message(None, None, msg)
+    tune_gc()
+    for i, msg in enumerate(messages, 1):
+        deliver(msg)
+        if i % BATCH == 0:
+            writer.flush()
+    writer.flush()
+    if writer.rows_written != n:
+        raise SystemExit(f"{path}: {writer.rows_written} of {n} rows written")
+
+
+def instructions(url: str, n: int = 2000) -> dict[str, float] | None:
+    """Instructions per push on each path (None without valgrind)."""
+    if shutil.which("valgrind") is None:
+        return None
+
+    def count(path: str, messages: int) -> int:
+        done = subprocess.run(
+            ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable,
+             "-m", "bench.collector", "--instructions-child", path, str(messages), url],
+            cwd=REPO, capture_output=True, text=True,
+            env=dict(os.environ, PYTHONHASHSEED="0"))  # the same dict layouts every run
+        for line in done.stderr.splitlines():
+            if "Collected :" in line:
+                return int(line.split()[-1])
+        raise SystemExit(f"callgrind gave no count for {path}:\n{done.stderr[-2000:]}")
+
+    return {path: (count(path, 2 * n) - count(path, n)) / n for path in INSTRUCTION_PATHS}
+
+
 def measure(kind: str, n: int, repeat: int, url: str) -> dict:
     from collector.pipeline import tune_gc
 
@@ -272,12 +355,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; lowest kept")
     parser.add_argument("--mix", default="fixtures,push", help="mixes (default fixtures,push)")
     parser.add_argument("--label", default="", help="a note saved with the figures")
+    parser.add_argument("--no-instructions", action="store_true",
+                        help="skip the instruction counts (callgrind, about two minutes)")
+    parser.add_argument("--instructions-child", nargs=3, metavar=("PATH", "N", "URL"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.instructions_child:
+        path, count, url = args.instructions_child
+        _instructions_child(path, int(count), url)
+        return 0
     mixes = [m for m in args.mix.split(",") if m]
     results = {}
     with migrated_database("collector") as (_pg, url):
         for kind in mixes:
             results[kind] = measure(kind, args.n, args.repeat, url)
+        counts = None if args.no_instructions else instructions(url)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     names = list(next(iter(results.values())))
     lines = [(name, *(f"{results[k][name]:.2f}" for k in mixes),
@@ -289,9 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     print(table(lines, ("stage", *mixes, "")))
     print(f"\npeak RSS of this process (the messages, rows and the stages together):"
           f" {rss_mb:.0f} MB (target for a collector: < 150 MB)")
+    if counts is None and not args.no_instructions:
+        print("\ninstructions per push: skipped (valgrind is not installed)")
+    elif counts is not None:
+        print("\nInstructions per push (callgrind; the same for the same code and messages)\n")
+        print(table([(INSTRUCTION_PATHS[p], f"{c:,.0f}") for p, c in counts.items()],
+                    ("path", "instructions")))
     save("collector", {"messages": args.n, "repeat": args.repeat, "label": args.label,
                        "cpu_ms_per_1000": results, "target_ms_per_1000": TARGET_MS,
-                       "peak_rss_mb": round(rss_mb, 1)})
+                       "peak_rss_mb": round(rss_mb, 1),
+                       "instructions_per_push": counts and {p: round(c) for p, c in
+                                                            counts.items()}})
     return 0
 
 
