@@ -379,8 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nCollector CPU milliseconds per 1,000 readings ({args.n} messages per mix, lowest"
           f" of {args.repeat}, {os.cpu_count()} cores, Python {sys.version.split()[0]})\n")
     print(table(lines, ("stage", *mixes, "")))
-    print(f"\npeak RSS of this process (the messages, rows and the stages together):"
-          f" {rss_mb:.0f} MB (target for a collector: < 150 MB)")
+    print(f"\npeak RSS of this bench process: {rss_mb:.0f} MB (it holds every message, reading"
+          " and row of the mixes at once; a collector process's RSS, target < 150 MB, is"
+          " measured by bench.ingest)")
     if counts is None and not args.no_instructions:
         print("\ninstructions per push: skipped (valgrind is not installed)")
     elif counts is not None:

@@ -1,5 +1,6 @@
 """Ingest benchmark: readings/s from the broker into TimescaleDB through the collector, next to
-one INSERT and commit per row (how the earlier tools write) and one raw COPY (the ceiling).
+one INSERT and commit per row (how the earlier tools write) and one raw COPY (a reference),
+and against what the machine could carry if the collectors cost nothing (the target).
 
 For each number of collector processes K (`--collectors 1,2`) it measures, on the same broker:
 
@@ -49,6 +50,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEVICES = 20
 T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
 BATCH_ROWS = 5000
+# Issue #14: end to end at least this share of the "collectors cost nothing" ceiling.
+VS_CEILING_TARGET = 0.8
 
 
 def serial(i: int) -> str:
@@ -472,7 +475,11 @@ def with_collectors(url: str, broker: MosquittoServer, items: list[tuple[str, by
             "cpu_ms_per_1000_publishing": publish_cpu,
             "cpu_ms_per_1000_end_to_end": e2e_cpu,
             "ceiling_with_a_free_collector_per_sec":
-                round((os.cpu_count() or 1) * 1e6 / others) if others > 0 else None}
+                round((os.cpu_count() or 1) * 1e6 / others) if others > 0 else None,
+            # At most what the collectors may spend for end to end to reach VS_CEILING_TARGET
+            # of that ceiling, even with every core busy: others / target - others.
+            "collector_budget_ms_per_1000":
+                round(others / VS_CEILING_TARGET - others, 1) if others > 0 else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         run["vs_insert_per_row"] = round(run["end_to_end_readings_per_sec"] / per_row, 1)
         run["vs_raw_copy"] = round(run["end_to_end_readings_per_sec"] / copy_rate, 2)
+        ceiling = run["ceiling_with_a_free_collector_per_sec"]
+        run["vs_ceiling"] = (round(run["end_to_end_readings_per_sec"] / ceiling, 2)
+                             if ceiling else None)
     best = max(runs, key=lambda r: r["end_to_end_readings_per_sec"])
     figures = {
         "readings": args.n,
@@ -522,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         "vs_raw_copy": best["vs_raw_copy"],
         "collector_peak_rss_mb": max(r["collector_peak_rss_mb"] for r in runs),
         "by_collectors": runs,
-        "targets": {"vs_insert_per_row": ">= 10", "vs_raw_copy": ">= 0.5",
+        "vs_ceiling": best["vs_ceiling"],
+        "targets": {"vs_insert_per_row": ">= 10", "vs_ceiling": f">= {VS_CEILING_TARGET}",
                     "collector_peak_rss_mb": "< 150"},
     }
     print(f"\nIngest: {args.n} readings from {DEVICES} stations, {args.publishers} publisher"
@@ -548,7 +559,9 @@ def main(argv: list[str] | None = None) -> int:
     lines += [
         ("one INSERT + commit per row", f"{figures['one_insert_per_row_per_sec']:,}",
          "target >= 10x", ""),
-        ("one raw COPY (ceiling)", f"{figures['raw_copy_per_sec']:,}", "target >= 0.5x", ""),
+        # The issue retired ">= 0.5x a raw COPY": on two cores the broker and the publishers
+        # alone keep any collector from it. The target is the ceiling below.
+        ("one raw COPY (reference)", f"{figures['raw_copy_per_sec']:,}", "", ""),
     ]
     print(table(lines, ("path", "readings/s", "vs INSERT / vs COPY", "")))
     print(f"\nCPU milliseconds per 1,000 readings ({os.cpu_count()} cores; other = the"
@@ -557,11 +570,15 @@ def main(argv: list[str] | None = None) -> int:
                             "cores busy")))
     for run in runs:
         if run["ceiling_with_a_free_collector_per_sec"]:
+            verdict = "met" if run["vs_ceiling"] >= VS_CEILING_TARGET else "NOT met"
             print(f"K={run['collectors']}{' (state)' if run['publish_state'] else ''}: with"
                   " collectors that cost nothing, the publishers, broker and PostgreSQL alone"
                   f" would fill the cores at {run['ceiling_with_a_free_collector_per_sec']:,}"
                   f" readings/s ({run['ceiling_with_a_free_collector_per_sec'] / copy_rate:.2f}x"
-                  " raw COPY)")
+                  f" raw COPY); end to end reached {run['vs_ceiling']:.2f}x of it (target >="
+                  f" {VS_CEILING_TARGET}x: {verdict}), which needs the collectors at <="
+                  f" {run['collector_budget_ms_per_1000']} ms CPU per 1,000 readings with every"
+                  f" core busy (they spent {run['cpu_ms_per_1000_end_to_end']['collectors']})")
     save("ingest", figures)
     return 0
 
