@@ -226,9 +226,7 @@ def publish_to_command(days: int, stations: int, episodes: int, every: int) -> l
         finally:
             stop.set()
             if worker.is_alive():
-                # A summary refresh over the year may be under way: let it end before the
-                # database is stopped under it.
-                worker.join(120)
+                worker.join(10)
             link.stop()
             sub.loop_stop()
             pub.loop_stop()
