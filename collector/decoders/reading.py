@@ -247,15 +247,6 @@ def ports_sum(raw: list) -> int | None:
     return None if None in raw else sum_all([out_watts(v) for v in raw])
 
 
-def pd_port_watts(f) -> dict[str, int | None]:
-    """USB-A, USB-C and 12 V outputs from the gen-1 / gen-2 `pd.` keys (same names on both)."""
-    return {
-        "usb_out_watts": ports_sum([f(k) for k in USB_KEYS]),
-        "typec_out_watts": ports_sum([f(k) for k in TYPEC_KEYS]),
-        "dc_out_watts": out_watts(f("pd.carWatts")),
-    }
-
-
 def pd_runtime_while_discharging(f) -> int | _Cleared | None:
     """Minutes to empty from a first-generation `pd.remainTime` (Delta and River), which is
     positive both ways: a runtime only while the same message gives out more than it takes in
