@@ -117,6 +117,9 @@ class FakeDevice:
     pushing: bool = True  # False: silent, though online and connected (`silence`)
     product_type: int | None = None  # for latestQuotas replies
     developer_enabled: bool = True  # False: quota/all answers "not allowed to get device info"
+    # False: in the account's device list, but the broker refuses the account's subscriptions
+    # to its telemetry (SUBACK "not authorized"), as a broker whose ACL does not grant it does.
+    readable: bool = True
 
 
 class _Reply(NamedTuple):
@@ -215,6 +218,10 @@ class FakeEcoflowCloud:
         broker = MosquittoServer(users=self._broker_users(), tls=True, persistence=True)
         broker.acl_file = broker.base / "fakecloud_acl"
         broker.acl_file.write_text(self._acl())
+        if not all(d.readable for d in self.devices):
+            # The same grants through the plugin that refuses a subscription in its SUBACK
+            # (the ACL file grants every subscription and only filters what it delivers).
+            broker.dynsec_acls = self._dynsec_acls()
         self._broker = broker
         try:
             broker.start()
@@ -301,15 +308,21 @@ class FakeEcoflowCloud:
 
     def _acl(self) -> str:
         acct, uid = self.open_account, self.user_id
+        if all(d.readable for d in self.devices):
+            open_read, app_read = [f"topic read /open/{acct}/#"], ["topic read /app/device/property/#"]
+        else:  # a grant per readable station: Mosquitto's ACL has no "deny"
+            readable = [d.sn for d in self.devices if d.readable]
+            open_read = [f"topic read /open/{acct}/{sn}/#" for sn in readable]
+            app_read = [f"topic read /app/device/property/{sn}" for sn in readable]
         return "\n".join([
             "# EcoFlow's cloud broker as testbed/fakecloud.py plays it: each account reads only",
             "# its own telemetry; the device user is the fake itself.",
             f"user {acct}",
-            f"topic read /open/{acct}/#",
+            *open_read,
             f"topic write /open/{acct}/+/set",
             f"topic write /open/{acct}/+/get",
             f"user {self.app_account}",
-            "topic read /app/device/property/#",
+            *app_read,
             f"topic write /app/{uid}/+/thing/property/get",
             f"topic write /app/{uid}/+/thing/property/set",
             f"topic read /app/{uid}/+/thing/property/get_reply",
@@ -318,6 +331,22 @@ class FakeEcoflowCloud:
             "topic readwrite #",
             "",
         ])
+
+    def _dynsec_acls(self) -> dict[str, list[tuple[str, str]]]:
+        """_acl() as the dynamic-security plugin's allowances per user."""
+        kinds = {"read": ("subscribePattern", "publishClientReceive"),
+                 "write": ("publishClientSend",),
+                 "readwrite": ("subscribePattern", "publishClientReceive", "publishClientSend")}
+        acls: dict[str, list[tuple[str, str]]] = {}
+        user = None
+        for line in self._acl().splitlines():
+            words = line.split()
+            if words[:1] == ["user"]:
+                user = words[1]
+                acls[user] = []
+            elif words[:1] == ["topic"] and user is not None:
+                acls[user] += [(kind, words[2]) for kind in kinds[words[1]]]
+        return acls
 
     def _connect_device_client(self) -> None:
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import getpass
+import hashlib
+import json
 import os
 import secrets
 import shutil
@@ -32,6 +35,16 @@ def find_mosquitto() -> str:
     return path
 
 
+def find_dynsec_plugin() -> str:
+    """Mosquitto's dynamic-security plugin (Debian's mosquitto package ships it)."""
+    for candidate in ("/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+                      "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+                      "/usr/lib/mosquitto_dynamic_security.so"):
+        if os.path.exists(candidate):
+            return candidate
+    raise MosquittoNotFound("mosquitto_dynamic_security.so not found: install Debian's mosquitto")
+
+
 @dataclass
 class MosquittoServer:
     """One broker. `users` (name -> password) turns on authentication and the ACL file;
@@ -42,6 +55,12 @@ class MosquittoServer:
 
     users: dict[str, str] | None = None
     acl_file: Path | None = None
+    # Instead of the ACL file: Mosquitto's dynamic-security plugin with these allowances per
+    # user ((acltype, topic pattern): subscribePattern, publishClientReceive,
+    # publishClientSend), everything else denied. Unlike the ACL file, which grants every
+    # subscription and filters what is delivered, the plugin refuses a subscription it does
+    # not allow in its SUBACK, as EMQX-style brokers do.
+    dynsec_acls: dict[str, list[tuple[str, str]]] | None = None
     tls: bool = False
     persistence: bool = False
     base: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="ecoflow-mqtt-")))
@@ -79,8 +98,12 @@ class MosquittoServer:
             for name, password in self.users.items():
                 subprocess.run([passwd, "-b", str(pwfile), name, password], check=True,
                                capture_output=True)
-            lines += ["allow_anonymous false", f"password_file {pwfile}"]
-            lines.append(f"acl_file {self.acl_file or DEFAULT_ACL}")
+            if self.dynsec_acls is not None:
+                lines += ["allow_anonymous false", f"plugin {find_dynsec_plugin()}",
+                          f"plugin_opt_config_file {self._write_dynsec()}"]
+            else:
+                lines += ["allow_anonymous false", f"password_file {pwfile}"]
+                lines.append(f"acl_file {self.acl_file or DEFAULT_ACL}")
         else:
             lines.append("allow_anonymous true")
         lines.append(f"listener {self.port} {self.host}")
@@ -113,6 +136,27 @@ class MosquittoServer:
             self.stop()
             raise RuntimeError(f"mosquitto did not start: {err}{log}") from None
         return self
+
+    def _write_dynsec(self) -> Path:
+        """The dynamic-security plugin's file: a client per user (its password hashed as the
+        plugin stores it) with a role holding its allowances; defaults deny."""
+        clients, roles = [], []
+        for name, password in (self.users or {}).items():
+            salt = secrets.token_bytes(12)  # the plugin's salt length
+            digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101, dklen=64)
+            clients.append({"username": name, "roles": [{"rolename": f"role-{name}"}],
+                            "password": base64.b64encode(digest).decode(),
+                            "salt": base64.b64encode(salt).decode(), "iterations": 101})
+            roles.append({"rolename": f"role-{name}", "acls": [
+                {"acltype": acltype, "topic": topic, "priority": 0, "allow": True}
+                for acltype, topic in (self.dynsec_acls or {}).get(name, [])]})
+        path = self.base / "dynamic-security.json"
+        path.write_text(json.dumps({
+            "defaultACLAccess": {"publishClientSend": False, "publishClientReceive": False,
+                                 "subscribe": False, "unsubscribe": True},
+            "clients": clients, "groups": [], "roles": roles}))
+        path.chmod(0o600)
+        return path
 
     def halt(self) -> None:
         """Stop the broker but keep its files (and persisted sessions) for a restart."""

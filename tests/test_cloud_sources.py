@@ -327,6 +327,42 @@ def test_open_mqtt_source_end_to_end(cloud, db_url, no_secrets_logged):
     assert collector.metrics.cloud_online.labels(D2M)._value.get() == 1
 
 
+def test_a_refused_subscription_is_named_and_asked_again_later_not_every_tick(db_url, caplog,
+                                                                             monkeypatch):
+    """A broker answers a subscription the credentials may not read with a SUBACK failure
+    ("not authorized"). The cloud MQTT sources took every subscription as granted: a station
+    whose topics were refused delivered nothing, with no word why, and was never asked for
+    again. Now the refusal is logged once, naming the topic, with advice; the other stations
+    keep delivering; and the topic is asked for again after REFUSED_RETRY_SEC, not on every
+    tick (EcoFlow's broker would see a refused SUBSCRIBE every 5 s per topic)."""
+    from collector.sources import ecoflow_mqtt
+
+    monkeypatch.setattr(ecoflow_mqtt, "REFUSED_RETRY_SEC", 1.0)
+    shed = "R351ZFB4HF000002"
+    fleet = devices()
+    fleet.append(FakeDevice(shed, "Shed", "DELTA 2 Max", quota=dict(fleet[0].quota),
+                            open_messages=list(fleet[0].open_messages), readable=False))
+    caplog.set_level(logging.INFO)
+    with FakeEcoflowCloud(fleet) as cloud, \
+            Running(settings_for(cloud, ecoflow_sources="open_mqtt"), db_url) as collector:
+        source = collector.sources[0]
+        source.tick_sec = 0.1
+        assert wait_for(source.connected.is_set, 15)
+        cloud.start_pushing(0.1)
+        assert wait_for(lambda: len(rows(db_url, "device_sn = %s", (D2M,))) >= 6)
+        topic = f"/open/{cloud.open_account}/{shed}/quota"
+        assert wait_for(lambda: topic in source.refused)
+        time.sleep(2.5)  # about 25 ticks, two or three retry periods
+        refusals = source.subscriptions_refused
+    assert not rows(db_url, "device_sn = %s", (shed,))
+    said = [r for r in caplog.records if topic in r.getMessage()]
+    assert len(said) == 1, [r.getMessage() for r in said]
+    assert said[0].levelno == logging.ERROR
+    assert "refused" in said[0].getMessage() and "doctor" in said[0].getMessage()
+    # Two topics per station (quota, status), asked again every second: not every 0.1 s.
+    assert 4 <= refusals <= 12, refusals
+
+
 def test_app_mqtt_source_keeps_stations_pushing_with_latest_quotas(cloud, db_url,
                                                                   no_secrets_logged):
     no_secrets_logged.append(cloud)

@@ -32,6 +32,10 @@ from servicekit.logging import register_secret
 
 log = logging.getLogger(__name__)
 
+# A subscription the broker refused (SUBACK failure) is asked for again after this long, not on
+# every tick: the station may be added to the account (or its ACL) meanwhile.
+REFUSED_RETRY_SEC = 300.0
+
 
 class CloudMqttSource(Worker):
     """Subscribe to EcoFlow's broker with credentials from a certification endpoint.
@@ -74,6 +78,12 @@ class CloudMqttSource(Worker):
         self._attempt_since = 0.0  # monotonic: when the client last started (re)connecting
         self._wake = threading.Event()
         self._subscribed: set[str] = set()
+        # Topics the broker refused -> monotonic time to ask again; SUBSCRIBEs awaiting their
+        # SUBACK by message id (under _sub_lock: the SUBACK may come before subscribe returns).
+        self.refused: dict[str, float] = {}
+        self.subscriptions_refused = 0
+        self._awaiting: dict[int, list[str]] = {}
+        self._sub_lock = threading.Lock()
         self.client: mqtt.Client | None = None
         self.creds: MqttCredentials | None = None
         self.client_id_used: str | None = None
@@ -166,6 +176,7 @@ class CloudMqttSource(Worker):
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         self.client = client
         self._subscribed = set()
         self._attempt_since = time.monotonic()
@@ -230,10 +241,36 @@ class CloudMqttSource(Worker):
         except EcoflowApiError as exc:
             self._log.problem("topics", f"device list unavailable: {exc}")
             return
-        new = sorted(wanted - self._subscribed)
+        now = time.monotonic()
+        new = sorted(t for t in wanted - self._subscribed if self.refused.get(t, 0.0) <= now)
         if new:
-            client.subscribe([(t, 1) for t in new])
+            with self._sub_lock:
+                result, mid = client.subscribe([(t, 1) for t in new])
+                if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                    self._awaiting[mid] = new
             self._subscribed |= set(new)
+
+    def _on_subscribe(self, client, _userdata, mid, reasons, _props) -> None:
+        """A refused topic is logged once with advice and asked for again after
+        REFUSED_RETRY_SEC; a granted one ends its refusal."""
+        with self._sub_lock:
+            topics = self._awaiting.pop(mid, [])
+        if client is not self.client:
+            return
+        for topic, reason in zip(topics, reasons):
+            if reason.is_failure:
+                self._subscribed.discard(topic)
+                self.refused[topic] = time.monotonic() + REFUSED_RETRY_SEC
+                self.subscriptions_refused += 1
+                self._log.problem(
+                    f"subscribe {topic}",
+                    f"the broker refused the subscription to {topic} ({reason}): these "
+                    "credentials may not read that station. Check that it is on this account "
+                    "and its serial number is right (`ecoflow-collector doctor` lists the "
+                    f"account's stations); asked again every {REFUSED_RETRY_SEC:g} s",
+                    logging.ERROR)
+            elif self.refused.pop(topic, None) is not None:
+                self._log.ok(f"subscribe {topic}", f"the broker granted {topic} now")
 
     # -- periodic work (override) -------------------------------------------------------------
     def on_connected(self, client: mqtt.Client) -> None:
