@@ -10,12 +10,14 @@ PostgreSQL when TimescaleDB is not installed.
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
 import psycopg
 import pytest
 
+from servicekit.logging import RedactingFormatter
 from tests.services import (
     DatabaseServer,
     MqttBroker,
@@ -26,6 +28,20 @@ from tests.services import (
     start_secure_mqtt_broker,
 )
 from tests.timescale_jobs import pause_in_template
+
+
+@pytest.fixture(autouse=True)
+def _program_log_handler_removed():
+    """A program's main run in-process (servicekit.logging.setup) leaves the root logger a
+    handler on the stream pytest captured for that test; a later test's log record (a paho
+    callback thread's, say) went to that closed stream: "--- Logging error ---" in the run's
+    output. The handler goes with the test that set it up."""
+    yield
+    root = logging.getLogger()
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler and isinstance(handler.formatter,
+                                                                   RedactingFormatter):
+            root.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")
