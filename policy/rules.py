@@ -50,6 +50,33 @@ SELECT DISTINCT f.sn
 """
 
 
+_prepared: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _prepare_session(conn) -> None:
+    """The session settings the rules run with, sent once per autocommit connection (on
+    another, a rolled-back transaction would undo them, so they are sent every evaluation)."""
+    if conn in _prepared:
+        return
+    with conn.cursor() as cur:
+        # The rules are many small index lookups whose estimated cost crosses jit_above_cost;
+        # compiling them would take longer than running them.
+        cur.execute("SET jit = off")
+        # TimescaleDB re-checks every chunk of a lookup against its per-station bounds
+        # (dev_now, confirmed_grid_ts, ...) at each rescan: it cost more than the index
+        # probes it saves (measured: execution halved at a day's window, less time even over
+        # all history). The window's chunks are still skipped at planning time.
+        # (A TimescaleDB without the setting refuses it: the rules then run without it.)
+        try:
+            with conn.transaction():
+                cur.execute("SET timescaledb.enable_runtime_exclusion = off")
+        except psycopg.Error:
+            pass
+        cur.execute(f"SET plan_cache_mode = {PLAN_CACHE_MODE}")
+    if conn.autocommit:
+        _prepared[conn] = True
+
+
 class _Floors:
     """Per connection and station: from which reading time on the rules decided the last time
     they read all of the station's history. Only a hint for choosing the next window; a window
@@ -81,21 +108,8 @@ def supply_rows(conn: psycopg.Connection, now: datetime, params: dict) -> list[d
     again over the day around their last reading, then from their floor (what their last
     all-history evaluation rested on), and those still cut over all history."""
     floors = _FLOORS.get(conn, params)
+    _prepare_session(conn)
     with conn.cursor(row_factory=dict_row) as cur:
-        # The rules are many small index lookups whose estimated cost crosses jit_above_cost;
-        # compiling them would take longer than running them.
-        cur.execute("SET jit = off")
-        # TimescaleDB re-checks every chunk of a lookup against its per-station bounds
-        # (dev_now, confirmed_grid_ts, ...) at each rescan: it cost more than the index
-        # probes it saves (measured: execution halved at a day's window, less time even over
-        # all history). The window's chunks are still skipped at planning time.
-        # (A TimescaleDB without the setting refuses it: the rules then run without it.)
-        try:
-            with conn.transaction():
-                cur.execute("SET timescaledb.enable_runtime_exclusion = off")
-        except psycopg.Error:
-            pass
-        cur.execute(f"SET plan_cache_mode = {PLAN_CACHE_MODE}")
         rows = _evaluate(cur, now, params, now - HISTORY, _ALL_HISTORY[1], None)
         cut = sorted({r["device_sn"] for r in rows if r["history_cut"]})
         if cut:

@@ -89,7 +89,11 @@ class MosquittoServer:
             # acks after each database commit must not lose messages to a burst.
             "max_queued_messages 1000000",
         ]
-        if self.users is not None:
+        if self.users is not None and self.dynsec_acls is not None:
+            # Written anew on every start, as the password file below.
+            lines += ["allow_anonymous false", f"plugin {find_dynsec_plugin()}",
+                      f"plugin_opt_config_file {self._write_dynsec()}"]
+        elif self.users is not None:
             pwfile = self.base / "passwd"
             # Written anew on every start: a user removed from `users` loses access.
             pwfile.unlink(missing_ok=True)
@@ -98,12 +102,8 @@ class MosquittoServer:
             for name, password in self.users.items():
                 subprocess.run([passwd, "-b", str(pwfile), name, password], check=True,
                                capture_output=True)
-            if self.dynsec_acls is not None:
-                lines += ["allow_anonymous false", f"plugin {find_dynsec_plugin()}",
-                          f"plugin_opt_config_file {self._write_dynsec()}"]
-            else:
-                lines += ["allow_anonymous false", f"password_file {pwfile}"]
-                lines.append(f"acl_file {self.acl_file or DEFAULT_ACL}")
+            lines += ["allow_anonymous false", f"password_file {pwfile}"]
+            lines.append(f"acl_file {self.acl_file or DEFAULT_ACL}")
         else:
             lines.append("allow_anonymous true")
         lines.append(f"listener {self.port} {self.host}")

@@ -185,12 +185,12 @@ def test_long_outages_decide_as_all_history_at_every_moment(db, db_url):
 
 # -- how the statement is planned ------------------------------------------------------------------
 
-def _chunk_scans(conn) -> dict[str, int]:
+def _chunk_scans(conn, url: str) -> dict[str, int]:
     """Index and sequential scans of each chunk of the readings so far, as `conn` counted them
-    (its pending statistics flushed first)."""
+    (its pending statistics flushed first), read over a connection to `url`."""
     conn.execute("SELECT pg_stat_force_next_flush()")
     conn.execute("SELECT 1")  # the flush happens at the end of a statement
-    with psycopg.connect(conn.info.dsn, autocommit=True) as reader:
+    with psycopg.connect(url, autocommit=True) as reader:
         return dict(reader.execute(
             "SELECT c.chunk_name, coalesce(s.idx_scan, 0) + coalesce(s.seq_scan, 0)"
             "  FROM timescaledb_information.chunks c"
@@ -216,12 +216,12 @@ def test_a_steady_evaluation_reads_no_chunk_outside_its_window_however_few(db, d
     with psycopg.connect(db_url, autocommit=True) as conn:
         for i in range(8):  # past PostgreSQL's five custom plans
             supply_rows(conn, END - timedelta(seconds=i), settings.rule_params())
-        before = _chunk_scans(conn)
+        before = _chunk_scans(conn, db_url)
         assert len(before) >= 4, before
         for i in range(8):
             rows = supply_rows(conn, END - timedelta(seconds=8 + i), settings.rule_params())
             assert not any(r["history_cut"] for r in rows)
-        after = _chunk_scans(conn)
+        after = _chunk_scans(conn, db_url)
         generic = conn.execute("SELECT coalesce(sum(generic_plans), 0) FROM pg_prepared_statements"
                                " WHERE statement LIKE '%FROM ecoflow_measurements%'").fetchone()[0]
     assert generic > 0
